@@ -1,0 +1,163 @@
+"""The ``ppllava`` command. Parses arguments into typed options and calls one library function.
+
+This module imports neither torch nor the reference at import time: runtime subcommands must work
+on a device where only the runtime is installed. Each handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ppllava import __version__
+from ppllava.errors import PPLLaVAError
+
+log = logging.getLogger("ppllava")
+
+DEMO_DIR = Path("~/.cache/ppllava/demo-tiny-vicuna").expanduser()
+
+
+def _cmd_info(args) -> int:
+    from ppllava.info import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint, args.alignment_config)
+    if args.json:
+        print(json.dumps(info.__dict__, indent=2))
+    else:
+        print("\n".join(info.lines()))
+    return 0
+
+
+def _cmd_make_tiny(args) -> int:
+    from ppllava.tiny import make_tiny
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise PPLLaVAError(f"{out} exists and is not empty; pass --force to write the tiny checkpoint into it")
+    make_tiny(out, args.variant, args.seed)
+    print(f"wrote a tiny {args.variant} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def synthetic_clip(frames: int, size: int, seed: int = 0):
+    """A deterministic moving-gradient clip, already normalised: (T, 3, S, S) float32 numpy."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    clip = []
+    for t in range(frames):
+        phase = t / max(frames, 1)
+        rgb = [np.sin(2 * np.pi * (x + phase)), np.cos(2 * np.pi * (y - phase)), x * y - phase]
+        clip.append(np.stack(rgb) + 0.05 * rng.standard_normal((3, size, size)).astype(np.float32))
+    return np.stack(clip).astype(np.float32)
+
+
+def _cmd_reference(args) -> int:
+    import torch
+
+    from ppllava.model import PPLLaVA
+
+    t0 = time.perf_counter()
+    model = PPLLaVA.from_pretrained(args.checkpoint, alignment_config=args.alignment_config)
+    t_load = time.perf_counter() - t0
+    cfg = model.config
+    frames = args.frames if args.frames else (4 if cfg.btadapter else 8)
+    pixel_values = torch.from_numpy(synthetic_clip(frames, cfg.image_size, args.seed))
+    # Without tokenizers (the tiny checkpoints carry none) the question is given as token ids.
+    clip_ids = torch.tensor([args.clip_ids], dtype=torch.long)
+    input_ids = torch.tensor([[*args.prompt_ids[:1], cfg.image_token_index, *args.prompt_ids[1:]]], dtype=torch.long)
+    t0 = time.perf_counter()
+    tokens = model.encode_video(pixel_values, clip_ids)
+    t_visual = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = model.generate(input_ids, pixel_values=pixel_values, clip_ids=clip_ids, max_new_tokens=args.max_new_tokens)
+    t_gen = time.perf_counter() - t0
+    print(f"clip: {frames} synthetic frames of {cfg.image_size}x{cfg.image_size} -> {tokens.shape[1]} visual tokens")
+    print(f"answer token ids: {new[0].tolist()}")
+    print(f"timings: load {t_load * 1e3:.0f} ms, visual tokens {t_visual * 1e3:.1f} ms, "
+          f"generate {t_gen * 1e3:.1f} ms ({new.shape[1]} tokens, CPU, PyTorch reference)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from ppllava.tiny import make_tiny
+
+    ckpt = Path(args.dir).expanduser()
+    if not (ckpt / "config.json").is_file():
+        print(f"building the demo checkpoint (tiny vicuna, random weights) in {ckpt}")
+        make_tiny(ckpt, "vicuna", seed=0)
+    print("$ ppllava info", ckpt)
+    _cmd_info(argparse.Namespace(checkpoint=ckpt, alignment_config=None, json=False))
+    print(f"\n$ ppllava reference {ckpt}")
+    print("(random weights: the answer is a sequence of token ids, not about the clip)")
+    return _cmd_reference(argparse.Namespace(
+        checkpoint=ckpt, alignment_config=None, frames=4, seed=0, clip_ids=DEFAULT_CLIP_IDS,
+        prompt_ids=DEFAULT_PROMPT_IDS, max_new_tokens=12,
+    ))
+
+
+# "a photo of a cat" in CLIP BPE, with start/end tokens; a short id prompt around the image token.
+DEFAULT_CLIP_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
+DEFAULT_PROMPT_IDS = [1, 11, 12, 13, 21, 22]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppllava", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ppllava {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="variant, sizes and visual-token counts of a checkpoint (keys checked)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--alignment-config", type=Path, help="config.json of the alignment CLIP/SigLIP model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("make-tiny", help="write a deterministic random checkpoint in the upstream layout")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--variant", choices=("vicuna", "qwen"), default="vicuna")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
+    p.set_defaults(handler=_cmd_make_tiny)
+
+    p = sub.add_parser("reference", help="PyTorch reference answer (token ids) on a synthetic clip")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--alignment-config", type=Path)
+    p.add_argument("--frames", type=int, default=0, help="frames in the clip (default 4, or 8 without BT-Adapter)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-ids", type=int, nargs="+", default=DEFAULT_CLIP_IDS, help="alignment token ids of the question")
+    p.add_argument("--prompt-ids", type=int, nargs="+", default=DEFAULT_PROMPT_IDS,
+                   help="LLM prompt ids; the image token goes after the first one")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(handler=_cmd_reference)
+
+    p = sub.add_parser("demo", help="the embedded default: tiny checkpoint -> info -> reference answer")
+    p.add_argument("--dir", type=Path, default=DEMO_DIR)
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ppllava: %(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except PPLLaVAError as exc:
+        print(f"ppllava {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppllava {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

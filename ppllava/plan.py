@@ -1,0 +1,59 @@
+"""Window plans for prompt-guided pooling: which (T, H, W) windows become one visual token.
+
+Torch-free arithmetic. A plan is either kernel + stride (output size follows, a trailing part that
+does not fill a window is dropped) or a requested output shape (stride = in // out,
+kernel = in - (out - 1) * stride), exactly as upstream's ``get_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    kernel: Triple | None = None
+    stride: Triple | None = None
+    output_shape: Triple | None = None
+
+    def check_defined(self) -> None:
+        given = (self.kernel is not None, self.stride is not None, self.output_shape is not None)
+        if given not in ((True, True, False), (False, False, True), (False, True, True), (True, False, True)):
+            raise ValueError(
+                "a window plan needs kernel and stride, or an output shape (optionally with one of kernel "
+                f"or stride); got kernel={self.kernel}, stride={self.stride}, output_shape={self.output_shape}"
+            )
+        for name, value in (("kernel", self.kernel), ("stride", self.stride), ("output_shape", self.output_shape)):
+            if value is not None and (len(value) != 3 or any(int(v) < 1 for v in value)):
+                raise ValueError(f"{name} must be three positive integers, got {value}")
+
+    def resolve(self, input_shape: Triple) -> tuple[Triple, Triple, Triple]:
+        """Return (output, kernel, stride) for a (T, H, W) input grid; ValueError if it does not fit."""
+        self.check_defined()
+        size = tuple(int(v) for v in input_shape)
+        if self.output_shape is None:
+            kernel, stride = self.kernel, self.stride
+            out = tuple((i - k) // s + 1 if i >= k else 0 for i, k, s in zip(size, kernel, stride))
+        elif self.kernel is None and self.stride is None:
+            out = self.output_shape
+            stride = tuple(i // o for i, o in zip(size, out))
+            kernel = tuple(i - (o - 1) * s for i, o, s in zip(size, out, stride))
+        elif self.kernel is None:
+            out, stride = self.output_shape, self.stride
+            kernel = tuple(i - (o - 1) * s for i, o, s in zip(size, out, stride))
+        else:
+            out, kernel = self.output_shape, self.kernel
+            stride = tuple((i - k) // (o - 1) if o > 1 else k for i, o, k in zip(size, out, kernel))
+        axes = ("frames", "rows", "columns")
+        for axis, i, o, k, s in zip(axes, size, out, kernel, stride):
+            if o < 1 or k < 1 or s < 1 or k > i or (o - 1) * s + k > i:
+                raise ValueError(
+                    f"window plan does not fit {axis}: input {i}, kernel {k}, stride {s}, output {o} "
+                    f"(input grid {size}, kernel {kernel}, stride {stride}, output {out})"
+                )
+        return tuple(out), tuple(kernel), tuple(stride)
+
+    def output_grid(self, input_shape: Triple) -> Triple:
+        return self.resolve(input_shape)[0]

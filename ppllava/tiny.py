@@ -1,0 +1,229 @@
+"""Deterministic random checkpoints in the upstream layout, for tests and demos.
+
+Sizes follow ``../shared/formats`` (42 px images, 7 px patches -> 6x6 grid, 4-layer ViT of width
+32, 2-layer LLM of width 64, vocab 1024, image token 1000). Weights are random but drawn from a
+seeded generator, so the same seed always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+VICUNA_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaInterleaveForConditionalGeneration"],
+    "model_type": "llava_next",
+    "qwen": False,
+    "btadapter": True,
+    "btadapter_depth": 2,
+    "max_T": 8,
+    "clip_post_pretrain": None,
+    "clip_weight": "clip_tiny",
+    "extend_clip": True,
+    "frame_shape": [6, 6],
+    "image_pooling_kernel": [1, 3, 3],
+    "image_pooling_stride": [1, 3, 3],
+    "image_token_index": 1000,
+    "pad_token_id": 0,
+    "pllava_pooling_shape": None,
+    "pooling": "ppllava",
+    "pooling_kernel": [2, 3, 3],
+    "pooling_stride": [2, 3, 3],
+    "pooling_temp": 0.01,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "model_type": "llama", "head_dim": 16, "hidden_size": 64, "intermediate_size": 128,
+        "max_position_embeddings": 256, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 4, "pad_token_id": 0, "rms_norm_eps": 1e-05, "vocab_size": 1024,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "valuew_plus": False,
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 32, "image_size": 42, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 4, "patch_size": 7, "projection_dim": 16,
+    },
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+}
+
+VICUNA_ALIGNMENT: dict[str, Any] = {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": 16,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {
+        "model_type": "clip_text_model", "bos_token_id": 0, "eos_token_id": 2, "hidden_size": 32,
+        "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 16,
+        "vocab_size": 49408, "max_position_embeddings": 77,
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 32, "image_size": 42, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 1, "patch_size": 7, "projection_dim": 16,
+    },
+}
+
+QWEN_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaInterleaveForConditionalGeneration"],
+    "model_type": "llava_onevision",
+    "qwen": True,
+    "btadapter": False,
+    "btadapter_depth": 4,
+    "max_T": 64,
+    "clip_post_pretrain": None,
+    "clip_weight": "siglip_tiny",
+    "extend_clip": True,
+    "frame_shape": [6, 6],
+    "image_pooling_kernel": [1, 3, 3],
+    "image_pooling_stride": [1, 3, 3],
+    "image_token_index": 1000,
+    "pad_token_id": 151643,
+    "pllava_pooling_shape": None,
+    "pooling": "ppllava",
+    "pooling_kernel": [2, 3, 3],
+    "pooling_stride": [2, 3, 3],
+    "pooling_temp": 0.01,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "model_type": "qwen2", "bos_token_id": 1, "eos_token_id": 2, "hidden_size": 64,
+        "intermediate_size": 128, "max_position_embeddings": 256, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 1024,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "valuew_plus": False,
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 42, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 4, "patch_size": 7, "vision_use_head": False,
+    },
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+}
+
+QWEN_ALIGNMENT: dict[str, Any] = {
+    "architectures": ["SiglipModel"],
+    "model_type": "siglip",
+    "text_config": {
+        "model_type": "siglip_text_model", "eos_token_id": 1, "hidden_size": 32, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 64,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 42, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 1, "patch_size": 7,
+    },
+}
+
+TINY = {"vicuna": (VICUNA_CONFIG, VICUNA_ALIGNMENT), "qwen": (QWEN_CONFIG, QWEN_ALIGNMENT)}
+
+
+def tiny_configs(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fresh copies of the tiny (config.json, alignment config.json) for ``variant``."""
+    if variant not in TINY:
+        raise ValueError(f"variant must be one of {sorted(TINY)}, got {variant!r}")
+    config, alignment = TINY[variant]
+    return copy.deepcopy(config), copy.deepcopy(alignment)
+
+
+def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int) -> dict:
+    """Seeded random weights with the shapes the config implies, in upstream key names."""
+    import torch
+
+    from ppllava.alignment import AlignmentConfig, extend_position_table
+    from ppllava.config import PPLLaVAConfig
+    from ppllava.model import PPLLaVA, parameters_on_meta
+
+    cfg = PPLLaVAConfig.from_dict(config)
+    with parameters_on_meta():
+        model = PPLLaVA(cfg, AlignmentConfig.from_dict(alignment, "tiny alignment config"))
+    tied = bool(model.language_model.config.tie_word_embeddings)
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen) * std
+
+    norm_params = {
+        f"{mod_name}.{p}"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.LayerNorm) or type(mod).__name__.endswith("RMSNorm")
+        for p in ("weight", "bias")
+    }
+    state = {}
+    for name, param in sorted(model.state_dict(keep_vars=True).items()):
+        if tied and name == "language_model.lm_head.weight":
+            continue
+        shape = tuple(param.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("position_embedding") or name.endswith("position_embedding_res"):
+            continue  # filled below from one original-length table
+        if name in norm_params:
+            value = (1.0 + randn(*shape, std=0.1)) if leaf == "weight" else randn(*shape, std=0.05)
+        elif name.endswith("logit_scale"):
+            value = torch.full(shape, math.log(100.0))  # CLIP's trained temperature: a peaky relevance softmax
+        elif name.endswith("logit_bias"):
+            value = torch.full(shape, -10.0)
+        elif leaf == "bias" or name.endswith("in_proj_bias"):
+            value = randn(*shape, std=0.02)
+        elif len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            value = randn(*shape, std=1.0 / math.sqrt(fan_in))
+        else:
+            value = randn(*shape, std=0.5)
+        state[name] = value.contiguous()
+    # The extended position table: a random original-length table stretched as upstream does, then a
+    # "trained" residual copy that differs from it (both are stored, both are read).
+    original = int(alignment["text_config"].get("max_position_embeddings", 77 if alignment["model_type"] == "clip" else 64))
+    width = int(alignment["text_config"]["hidden_size"])
+    table = extend_position_table(randn(original, width, std=0.1))
+    prefix = "multi_modal_projector.clip_text_model.embeddings."
+    state[prefix + "position_embedding"] = table
+    state[prefix + "position_embedding_res"] = table + randn(*table.shape, std=0.02)
+    return state
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    alignment: dict[str, Any],
+    seed: int = 0,
+    shards: int = 1,
+    weights_format: str = "safetensors",
+    state: dict | None = None,
+) -> Path:
+    """Write config.json, the alignment config directory and the weights in the upstream layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = random_state_dict(config, alignment, seed)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    clip_dir = out / str(config["clip_weight"])
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    (clip_dir / "config.json").write_text(json.dumps(alignment, indent=2) + "\n")
+    names = sorted(state)
+    if weights_format == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+    elif shards <= 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        per = math.ceil(len(names) / shards)
+        weight_map = {}
+        for i in range(shards):
+            part = names[i * per : (i + 1) * per]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k] for k in part}, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def make_tiny(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, **overrides) -> Path:
+    """A deterministic tiny checkpoint of ``variant`` at ``out_dir``; top-level config keys may be overridden."""
+    config, alignment = tiny_configs(variant)
+    config.update(overrides)
+    return write_checkpoint(out_dir, config, alignment, seed)
