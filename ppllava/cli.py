@@ -69,7 +69,8 @@ def _cmd_reference(args) -> int:
     frames = args.frames if args.frames else (4 if cfg.btadapter else 8)
     pixel_values = torch.from_numpy(synthetic_clip(frames, cfg.image_size, args.seed))
     # Without tokenizers (the tiny checkpoints carry none) the question is given as token ids.
-    clip_ids = torch.tensor([args.clip_ids], dtype=torch.long)
+    default_ids = DEFAULT_CLIP_IDS if cfg.variant == "vicuna" else DEFAULT_SIGLIP_IDS
+    clip_ids = torch.tensor([args.clip_ids or default_ids], dtype=torch.long)
     input_ids = torch.tensor([[*args.prompt_ids[:1], cfg.image_token_index, *args.prompt_ids[1:]]], dtype=torch.long)
     t0 = time.perf_counter()
     tokens = model.encode_video(pixel_values, clip_ids)
@@ -96,13 +97,14 @@ def _cmd_demo(args) -> int:
     print(f"\n$ ppllava reference {ckpt}")
     print("(random weights: the answer is a sequence of token ids, not about the clip)")
     return _cmd_reference(argparse.Namespace(
-        checkpoint=ckpt, alignment_config=None, frames=4, seed=0, clip_ids=DEFAULT_CLIP_IDS,
+        checkpoint=ckpt, alignment_config=None, frames=4, seed=0, clip_ids=None,
         prompt_ids=DEFAULT_PROMPT_IDS, max_new_tokens=12,
     ))
 
 
 # "a photo of a cat" in CLIP BPE, with start/end tokens; a short id prompt around the image token.
 DEFAULT_CLIP_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
+DEFAULT_SIGLIP_IDS = [100, 200, 300, 400, 1]  # ids < 1024 so they fit the tiny SigLIP vocabulary
 DEFAULT_PROMPT_IDS = [1, 11, 12, 13, 21, 22]
 
 
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment-config", type=Path)
     p.add_argument("--frames", type=int, default=0, help="frames in the clip (default 4, or 8 without BT-Adapter)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip-ids", type=int, nargs="+", default=DEFAULT_CLIP_IDS, help="alignment token ids of the question")
+    p.add_argument("--clip-ids", type=int, nargs="+", help="alignment token ids of the question (default: a short fixed question)")
     p.add_argument("--prompt-ids", type=int, nargs="+", default=DEFAULT_PROMPT_IDS,
                    help="LLM prompt ids; the image token goes after the first one")
     p.add_argument("--max-new-tokens", type=int, default=12)

@@ -107,7 +107,7 @@ class PPLLaVAConfig:
                 raise ConfigError(
                     f"config.json: model_type={model_type!r} contradicts qwen={qwen_flag!r}"
                 )
-        elif qwen_flag is not None:
+        elif model_type is None and qwen_flag is not None:
             variant = "qwen" if qwen_flag else "vicuna"
         else:
             raise ConfigError(

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints built here (no downloads), and no network for any test."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test: tests never download anything."""
+
+    def guard(*args, **kwargs):
+        raise RuntimeError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", guard)
+    monkeypatch.setattr(socket, "create_connection", guard)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One tiny checkpoint per variant, written once per test session."""
+    from ppllava.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: make_tiny(root / v, v, seed=0) for v in ("vicuna", "qwen")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    from ppllava import PPLLaVA
+
+    return {v: PPLLaVA.from_pretrained(d) for v, d in tiny_dirs.items()}

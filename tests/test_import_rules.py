@@ -1,0 +1,59 @@
+"""ARCHITECTURE.md's import rules. Guards against torch leaking into the edge runtime and against
+the reference depending on the code that wraps it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(folder: Path) -> dict[str, set[str]]:
+    """file -> every module it imports (top level or inside functions)."""
+    found = {}
+    for path in folder.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_reference_imports_no_wrapper():
+    for path, names in imported_modules(ROOT / "ppllava").items():
+        bad = {n for n in names if n.split(".")[:2] in (["ppllava", "export"], ["ppllava", "runtime"], ["ppllava", "calibration"])}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_runtime_imports_neither_torch_nor_reference():
+    reference = {p.stem for p in (ROOT / "ppllava").glob("*.py")} - {"__init__", "errors"}
+    for path, names in imported_modules(ROOT / "runtime").items():
+        bad = {n for n in names if n.split(".")[0] == "torch" or (n.startswith("ppllava.") and n.split(".")[1] in reference)}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_importing_package_and_runtime_does_not_import_torch():
+    code = (
+        "import sys, ppllava, ppllava.runtime, ppllava.cli, ppllava.config, ppllava.plan;"
+        "assert 'torch' not in sys.modules, 'torch was imported';"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_version_without_torch():
+    # A runtime-only install has no torch: the CLI itself must still start.
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None;"
+        "from ppllava.cli import main; sys.exit(main(['--version']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ppllava" in r.stdout, r.stderr

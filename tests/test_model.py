@@ -1,0 +1,154 @@
+"""The whole reference: pooling rewrite, splicing, KV-cache generation, input checks, both variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppllava.errors import InputError
+from ppllava.plan import WindowPlan
+
+VARIANTS = ["vicuna", "qwen"]
+PROMPT = torch.tensor([[1, 11, 12, 13, 1000, 21, 22, 23, 24]])
+
+
+def clip_ids(variant, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if variant == "vicuna":
+        body = torch.randint(300, 40000, (10,), generator=g).tolist()
+        return torch.tensor([[49406, *body, 49407] + [49407] * 20])
+    return torch.randint(3, 1000, (1, 24), generator=g)
+
+
+def frames(n, seed=0):
+    return torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "plan", [None, WindowPlan(kernel=(1, 2, 2), stride=(1, 2, 2)), WindowPlan(output_shape=(1, 3, 2))]
+)
+def test_linear2_after_pooling_is_exact(tiny_models, variant, plan):
+    # Bug class: an "exact" rewrite that is not (e.g. weights that do not sum to 1 per window).
+    model = tiny_models[variant]
+    px, ids = frames(5), clip_ids(variant)
+    fast = model.visual_tokens(px, ids, plan=plan)
+    plain = model.visual_tokens(px, ids, plan=plan, plain=True)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_token_counts(tiny_models, variant):
+    model = tiny_models[variant]
+    ids = clip_ids(variant)
+    assert model.encode_video(frames(4), ids).shape == (1, 8, 64)  # (2,3,3) windows on 4x6x6
+    assert model.encode_video(frames(5), ids).shape == (1, 8, 64)  # trailing frame dropped
+    assert model.encode_video(frames(4), ids, plan=WindowPlan(output_shape=(1, 1, 1))).shape == (1, 1, 64)
+    image = model.encode_image(frames(1), ids)
+    assert image.shape == (1, 5, 64)
+    torch.testing.assert_close(image[0, -1], model.image_newline)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_question_changes_the_tokens(tiny_models, variant):
+    model = tiny_models[variant]
+    px = frames(4)
+    a = model.encode_video(px, clip_ids(variant, 0))
+    b = model.encode_video(px, clip_ids(variant, 1))
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_shape_and_splice(tiny_models, variant):
+    model = tiny_models[variant]
+    px, ids = frames(4), clip_ids(variant)
+    out = model(PROMPT, pixel_values=px, clip_ids=ids)
+    assert out.logits.shape == (1, PROMPT.shape[1] - 1 + 8, 1024)
+    embeds = model.prepare_inputs_embeds(PROMPT, px, ids)
+    tokens = model.encode_video(px, ids)
+    torch.testing.assert_close(embeds[:, 4:12], tokens)
+    torch.testing.assert_close(embeds[:, :4], model.language_model.get_input_embeddings()(PROMPT[:, :4]))
+
+
+def test_pad_token_embedding_is_zeroed(tiny_models):
+    model = tiny_models["vicuna"]  # pad_token_id 0, as upstream
+    prompt = torch.tensor([[1, 0, 1000, 5]])
+    embeds = model.prepare_inputs_embeds(prompt, frames(4), clip_ids("vicuna"))
+    assert torch.count_nonzero(embeds[0, 1]) == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decode_equals_full_forwards(tiny_models, variant):
+    # Bug class: KV cache / position bookkeeping that drifts from a plain forward over the sequence.
+    model = tiny_models[variant]
+    px, ids = frames(4), clip_ids(variant)
+    gen = model.generate_detailed(PROMPT, px, ids, max_new_tokens=6, eos_token_id=-1, keep_logits=True)
+    assert len(gen.tokens) == 6
+    embeds = model.prepare_inputs_embeds(PROMPT, px, ids)
+    new = model.language_model.get_input_embeddings()(torch.tensor([gen.tokens[:-1]]))
+    with torch.no_grad():
+        full = model.language_model(inputs_embeds=torch.cat([embeds, new], dim=1)).logits[0]
+    L = embeds.shape[1]
+    for i, token in enumerate(gen.tokens):
+        torch.testing.assert_close(gen.step_logits[i], full[L - 1 + i], rtol=1e-4, atol=1e-4)
+        assert int(full[L - 1 + i].argmax()) == token
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_models, variant):
+    model = tiny_models[variant]
+    px, ids = frames(4), clip_ids(variant)
+    a = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=8)
+    b = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=8)
+    assert a.shape[0] == 1 and 1 <= a.shape[1] <= 8
+    assert torch.equal(a, b)
+    s1 = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=8, do_sample=True, seed=7, eos_token_id=-1)
+    s2 = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=8, do_sample=True, seed=7, eos_token_id=-1)
+    s3 = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=8, do_sample=True, seed=8,
+                        temperature=5.0, top_k=0, eos_token_id=-1)
+    assert torch.equal(s1, s2)
+    assert s1.shape == s3.shape == (1, 8)
+    assert not torch.equal(s1, s3)
+
+
+def test_generation_stops_at_eos(tiny_models):
+    model = tiny_models["qwen"]
+    px, ids = frames(4), clip_ids("qwen")
+    free = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=6, eos_token_id=-1)[0].tolist()
+    stopped = model.generate(PROMPT, pixel_values=px, clip_ids=ids, max_new_tokens=6, eos_token_id=free[2])[0].tolist()
+    assert stopped == free[: free.index(free[2]) + 1]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_image_end_to_end(tiny_models, variant):
+    model = tiny_models[variant]
+    out = model(PROMPT, pixel_values=frames(1), clip_ids=clip_ids(variant), media_type="image")
+    assert out.logits.shape == (1, PROMPT.shape[1] - 1 + 5, 1024)
+    new = model.generate(PROMPT, pixel_values=frames(1), clip_ids=clip_ids(variant), media_type="image", max_new_tokens=3)
+    assert new.shape[1] >= 1
+
+
+def test_bad_inputs_are_clear(tiny_models):
+    model = tiny_models["vicuna"]
+    px, ids = frames(4), clip_ids("vicuna")
+    with pytest.raises(InputError, match="exactly one image token"):
+        model(torch.tensor([[1, 1000, 1000, 2]]), pixel_values=px, clip_ids=ids)
+    with pytest.raises(InputError, match="exactly one image token"):
+        model(torch.tensor([[1, 2, 3]]), pixel_values=px, clip_ids=ids)
+    with pytest.raises(InputError, match="cannot pool 1 frame"):
+        model.encode_video(frames(1), ids)
+    with pytest.raises(InputError, match="clip_ids"):
+        model.encode_video(px, torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(InputError, match="media_type"):
+        model(PROMPT, pixel_values=px, clip_ids=ids, media_type="audio")
+    with pytest.raises(InputError, match="context"):
+        model(torch.tensor([[1] * 250 + [1000]]), pixel_values=px, clip_ids=ids)
+
+
+def test_valuew_plus_weights(tmp_path):
+    from ppllava import PPLLaVA
+    from ppllava.tiny import make_tiny
+
+    model = PPLLaVA.from_pretrained(make_tiny(tmp_path / "v", "qwen", seed=1, valuew_plus=True))
+    tokens = model.encode_video(frames(4), clip_ids("qwen"))
+    assert tokens.shape == (1, 8, 64) and torch.isfinite(tokens).all()
