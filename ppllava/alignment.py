@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppllava.attention import register_prescaled_eager
 from ppllava.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,9 @@ def build_text_tower(config: AlignmentConfig, attn_implementation: str) -> nn.Mo
     from transformers.models.siglip.modeling_siglip import SiglipTextTransformer
 
     hf_config = config.hf_text_config()
-    hf_config._attn_implementation = attn_implementation
+    # Upstream builds the CLIP text tower directly (not through from_pretrained), which gave it the
+    # eager attention of its transformers release; SigLIP's got SDPA. See ppllava/attention.py.
+    hf_config._attn_implementation = register_prescaled_eager() if config.kind == "clip" else attn_implementation
     tower = (CLIPTextTransformer if config.kind == "clip" else SiglipTextTransformer)(hf_config)
     tower.embeddings = ExtendedTextEmbeddings(hf_config.vocab_size, hf_config.hidden_size, config.positions)
     return tower

@@ -2,7 +2,8 @@
 
 Written from PPLLAVA.md (stage 1). The adapter state x2 is one sequence per clip,
 ``[CLS, N·T patch tokens]`` laid out patch-major, time-minor. Attention and MLP blocks are
-transformers' CLIP modules; the LayerNorms use PyTorch's default eps as upstream does.
+transformers' CLIP modules (attention with upstream's arithmetic order, see ``attention.py``);
+the LayerNorms use PyTorch's default eps as upstream does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+
+from ppllava.attention import register_prescaled_eager, with_attention
 
 
 def patches_to_clip(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -27,7 +30,7 @@ class TemporalBlock(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(with_attention(config, register_prescaled_eager()))
         self.layer_norm1 = nn.LayerNorm(config.hidden_size)
         self.temporal_fc = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -45,7 +48,7 @@ class SpatialBlock(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(with_attention(config, register_prescaled_eager()))
         self.layer_norm1 = nn.LayerNorm(config.hidden_size)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size)

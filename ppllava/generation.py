@@ -75,11 +75,15 @@ def generate_from_embeds(
     eos_token_ids: set[int],
     keep_logits: bool = False,
     on_token=None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Generation:
     """Prefill ``inputs_embeds`` (1, L, D) in one call, then decode one token per step from the cache.
 
     Stops after ``max_new_tokens`` or at an end-of-sequence token (which is returned, as
     transformers' generate does). ``on_token(id)`` is called as each token is chosen (streaming).
+    A padded prompt passes its ``attention_mask`` and ``position_ids``; each new token then takes
+    position (attended tokens - 1), as upstream does.
     """
     result = Generation()
     if max_new_tokens <= 0:
@@ -87,7 +91,10 @@ def generate_from_embeds(
     device = inputs_embeds.device
     chooser = TokenChooser(options, device)
     cache = DynamicCache()
-    logits = llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = llm(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True,
+    ).logits[:, -1]
     history = torch.zeros(1, 0, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         token = chooser(logits, history)
@@ -100,5 +107,9 @@ def generate_from_embeds(
             break
         next_ids = torch.tensor([[token]], dtype=torch.long, device=device)
         history = torch.cat([history, next_ids], dim=1)
-        logits = llm(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        step = {}
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+            step = {"attention_mask": attention_mask, "position_ids": attention_mask.sum(-1, keepdim=True) - 1}
+        logits = llm(input_ids=next_ids, past_key_values=cache, use_cache=True, **step).logits[:, -1]
     return result

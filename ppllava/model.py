@@ -190,6 +190,15 @@ class PPLLaVA(nn.Module):
         return torch.cat([embeds[:, :pos], visual_tokens.to(embeds.dtype), embeds[:, pos + 1 :]], dim=1)
 
     def prepare_inputs_embeds(self, input_ids, pixel_values, clip_ids, clip_mask=None, media_type="video"):
+        """(1, L - 1 + K, D) embeddings of the prompt with the visual tokens spliced in."""
+        return self.prepare_llm_inputs(input_ids, pixel_values, clip_ids, clip_mask, media_type)[0]
+
+    def prepare_llm_inputs(self, input_ids, pixel_values, clip_ids, clip_mask=None, media_type="video", attention_mask=None):
+        """Embeddings plus, for a padded prompt, the spliced attention mask and position ids.
+
+        With ``attention_mask`` (1, L) (0 at padding), positions follow upstream: cumulative count of
+        attended tokens minus one, padded positions set to 1; visual tokens are attended.
+        """
         tokens = self.visual_tokens(pixel_values, clip_ids, clip_mask, media_type)
         embeds = self.embed_prompt(input_ids, tokens)
         limit = self.language_model.config.max_position_embeddings
@@ -197,16 +206,27 @@ class PPLLaVA(nn.Module):
             raise InputError(
                 f"prompt of {embeds.shape[1]} tokens (text + {tokens.shape[1]} visual) exceeds the LLM context of {limit}"
             )
-        return embeds
+        if attention_mask is None:
+            return embeds, None, None
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise InputError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        attention_mask = attention_mask.to(self.device, torch.long)
+        pos = int((input_ids[0] == self.config.image_token_index).nonzero()[0])
+        visual = torch.ones(1, tokens.shape[1], dtype=torch.long, device=self.device)
+        mask = torch.cat([attention_mask[:, :pos], visual, attention_mask[:, pos + 1 :]], dim=1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return embeds, mask, positions
 
     def forward(
-        self, input_ids, pixel_values=None, clip_ids=None, clip_mask=None, media_type: str = "video"
+        self, input_ids, pixel_values=None, clip_ids=None, clip_mask=None, media_type: str = "video", attention_mask=None
     ) -> CausalLMOutputWithPast:
         """Logits over the spliced prompt: (1, L - 1 + K, V)."""
         if pixel_values is None or clip_ids is None:
             raise InputError("forward needs pixel_values and clip_ids (PPLLaVA's pooling depends on the question)")
-        embeds = self.prepare_inputs_embeds(input_ids, pixel_values, clip_ids, clip_mask, media_type)
-        return self.language_model(inputs_embeds=embeds, use_cache=False)
+        embeds, mask, positions = self.prepare_llm_inputs(
+            input_ids, pixel_values, clip_ids, clip_mask, media_type, attention_mask
+        )
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
 
     @torch.inference_mode()
     def generate(
@@ -223,12 +243,14 @@ class PPLLaVA(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        attention_mask=None,
         on_token=None,
     ) -> torch.Tensor:
         """(1, n) new token ids: greedy by default, sampled with ``do_sample=True``."""
         result = self.generate_detailed(
             input_ids, pixel_values, clip_ids, clip_mask, media_type, max_new_tokens,
-            SamplingOptions(do_sample, temperature, top_k, top_p, seed), eos_token_id, on_token=on_token,
+            SamplingOptions(do_sample, temperature, top_k, top_p, seed), eos_token_id,
+            attention_mask=attention_mask, on_token=on_token,
         )
         return torch.tensor([result.tokens], dtype=torch.long)
 
@@ -236,10 +258,13 @@ class PPLLaVA(nn.Module):
     def generate_detailed(
         self, input_ids, pixel_values, clip_ids, clip_mask=None, media_type="video", max_new_tokens=8,
         options: SamplingOptions | None = None, eos_token_id=None, keep_logits: bool = False, on_token=None,
+        attention_mask=None,
     ) -> Generation:
         if pixel_values is None or clip_ids is None:
             raise InputError("generate needs pixel_values and clip_ids")
-        embeds = self.prepare_inputs_embeds(input_ids, pixel_values, clip_ids, clip_mask, media_type)
+        embeds, mask, positions = self.prepare_llm_inputs(
+            input_ids, pixel_values, clip_ids, clip_mask, media_type, attention_mask
+        )
         room = self.language_model.config.max_position_embeddings - embeds.shape[1]
         if max_new_tokens > room:
             log.warning("max_new_tokens %d exceeds the remaining context; generating at most %d", max_new_tokens, room)
@@ -249,5 +274,6 @@ class PPLLaVA(nn.Module):
         else:
             eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         return generate_from_embeds(
-            self.language_model, embeds, max_new_tokens, options or SamplingOptions(), eos, keep_logits, on_token
+            self.language_model, embeds, max_new_tokens, options or SamplingOptions(), eos, keep_logits, on_token,
+            attention_mask=mask, position_ids=positions,
         )
