@@ -60,11 +60,16 @@ def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     out, end = {}, 0
     for name, info in header.items():
-        out[name] = (tuple(info["shape"]), _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]))
-        end = max(end, info["data_offsets"][1])
+        try:
+            out[name] = (tuple(int(d) for d in info["shape"]), _SAFETENSORS_DTYPES.get(info["dtype"], str(info["dtype"])))
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header entry for {name!r})") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: the header promises {8 + n + end} bytes, the file has {size}")
     return out

@@ -19,6 +19,17 @@ from ppllava.errors import PPLLaVAError
 log = logging.getLogger("ppllava")
 
 DEMO_DIR = Path("~/.cache/ppllava/demo-tiny-vicuna").expanduser()
+DEFAULT_FRAMES = 4  # two temporal pooling windows at the released (2, 3, 3) kernel
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _cmd_info(args) -> int:
@@ -36,6 +47,8 @@ def _cmd_make_tiny(args) -> int:
     from ppllava.tiny import make_tiny
 
     out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise PPLLaVAError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PPLLaVAError(f"{out} exists and is not empty; pass --force to write the tiny checkpoint into it")
     make_tiny(out, args.variant, args.seed)
@@ -66,7 +79,7 @@ def _cmd_reference(args) -> int:
     model = PPLLaVA.from_pretrained(args.checkpoint, alignment_config=args.alignment_config)
     t_load = time.perf_counter() - t0
     cfg = model.config
-    frames = args.frames if args.frames else (4 if cfg.btadapter else 8)
+    frames = args.frames or DEFAULT_FRAMES
     pixel_values = torch.from_numpy(synthetic_clip(frames, cfg.image_size, args.seed))
     # Without tokenizers (the tiny checkpoints carry none) the question is given as token ids.
     default_ids = DEFAULT_CLIP_IDS if cfg.variant == "vicuna" else DEFAULT_SIGLIP_IDS
@@ -97,7 +110,7 @@ def _cmd_demo(args) -> int:
     print(f"\n$ ppllava reference {ckpt}")
     print("(random weights: the answer is a sequence of token ids, not about the clip)")
     return _cmd_reference(argparse.Namespace(
-        checkpoint=ckpt, alignment_config=None, frames=4, seed=0, clip_ids=None,
+        checkpoint=ckpt, alignment_config=None, frames=DEFAULT_FRAMES, seed=0, clip_ids=None,
         prompt_ids=DEFAULT_PROMPT_IDS, max_new_tokens=12,
     ))
 
@@ -130,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference", help="PyTorch reference answer (token ids) on a synthetic clip")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--alignment-config", type=Path)
-    p.add_argument("--frames", type=int, default=0, help="frames in the clip (default 4, or 8 without BT-Adapter)")
+    p.add_argument("--frames", type=positive_int, help=f"frames in the synthetic clip (default {DEFAULT_FRAMES})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-ids", type=int, nargs="+", help="alignment token ids of the question (default: a short fixed question)")
     p.add_argument("--prompt-ids", type=int, nargs="+", default=DEFAULT_PROMPT_IDS,
                    help="LLM prompt ids; the image token goes after the first one")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=positive_int, default=12)
     p.set_defaults(handler=_cmd_reference)
 
     p = sub.add_parser("demo", help="the embedded default: tiny checkpoint -> info -> reference answer")
@@ -154,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except PPLLaVAError as exc:
+        print(f"ppllava {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable or unreadable paths: the user's environment, not a bug
         print(f"ppllava {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,17 +7,41 @@ Hugging Face config objects for the towers and the LLM are built on demand.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ppllava.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 VARIANTS = ("vicuna", "qwen")
 SUPPORTED_LLMS = ("llama", "qwen2")
 # model_type of the top-level config -> variant (upstream saves LlavaNext / LlavaOnevision configs).
 _MODEL_TYPES = {"llava_next": "vicuna", "llava_onevision": "qwen"}
 _VISION_TYPES = {"vicuna": "clip_vision_model", "qwen": "siglip_vision_model"}
+
+
+def _int(raw: dict, key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config.json: '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _float(raw: dict, key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _dict(raw: dict, key: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: '{key}' must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def _triple(raw: dict, key: str, required: bool = False) -> tuple[int, int, int] | None:
@@ -115,14 +139,14 @@ class PPLLaVAConfig:
                 f"(expected one of {sorted(_MODEL_TYPES)})"
             )
 
-        vision = dict(raw.get("vision_config") or {})
+        vision = _dict(raw, "vision_config")
         vision.setdefault("model_type", _VISION_TYPES[variant])
         if vision["model_type"] != _VISION_TYPES[variant]:
             raise ConfigError(
                 f"config.json: the {variant} variant needs vision_config.model_type="
                 f"{_VISION_TYPES[variant]!r}, got {vision['model_type']!r}"
             )
-        text = dict(raw.get("text_config") or {})
+        text = _dict(raw, "text_config")
         text.setdefault("model_type", "llama" if variant == "vicuna" else "qwen2")
         if text["model_type"] not in SUPPORTED_LLMS:
             raise ConfigError(
@@ -132,9 +156,13 @@ class PPLLaVAConfig:
 
         frame_shape = raw.get("frame_shape")
         if isinstance(frame_shape, str):
-            frame_shape = [int(p) for p in frame_shape.strip("()[] ").split(",") if p.strip()]
-        if not isinstance(frame_shape, (list, tuple)) or len(frame_shape) != 2:
-            raise ConfigError(f"config.json: 'frame_shape' must be two integers, got {frame_shape!r}")
+            parts = [p.strip() for p in frame_shape.strip("()[] ").split(",") if p.strip()]
+            frame_shape = [int(p) for p in parts] if all(p.isdigit() for p in parts) else None
+        if (
+            not isinstance(frame_shape, (list, tuple)) or len(frame_shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in frame_shape)
+        ):
+            raise ConfigError(f"config.json: 'frame_shape' must be two positive integers, got {raw.get('frame_shape')!r}")
         pooling = PoolingSpec(
             frame_shape=(int(frame_shape[0]), int(frame_shape[1])),
             kernel=_triple(raw, "pooling_kernel"),
@@ -142,7 +170,7 @@ class PPLLaVAConfig:
             output_shape=_triple(raw, "pllava_pooling_shape"),
             image_kernel=_triple(raw, "image_pooling_kernel"),
             image_stride=_triple(raw, "image_pooling_stride"),
-            temperature=float(raw.get("pooling_temp", 0.01)),
+            temperature=_float(raw, "pooling_temp", 0.01),
         )
         btadapter = bool(raw.get("btadapter", False))
         config = cls(
@@ -150,15 +178,15 @@ class PPLLaVAConfig:
             vision=vision,
             text=text,
             pooling=pooling,
-            image_token_index=int(raw.get("image_token_index", 32000)),
-            pad_token_id=int(raw["pad_token_id"]) if raw.get("pad_token_id") is not None else 0,
-            vision_feature_layer=int(raw.get("vision_feature_layer", -2)),
+            image_token_index=_int(raw, "image_token_index", 32000),
+            pad_token_id=_int(raw, "pad_token_id", 0) if raw.get("pad_token_id") is not None else 0,
+            vision_feature_layer=_int(raw, "vision_feature_layer", -2),
             vision_feature_select_strategy=str(raw.get("vision_feature_select_strategy", "default")),
             projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
             btadapter=btadapter,
-            btadapter_depth=int(raw.get("btadapter_depth", 4)) if btadapter else 0,
-            max_T=int(raw.get("max_T", 64)),
-            clip_weight=raw.get("clip_weight"),
+            btadapter_depth=_int(raw, "btadapter_depth", 4) if btadapter else 0,
+            max_T=_int(raw, "max_T", 64),
+            clip_weight=raw.get("clip_weight") if isinstance(raw.get("clip_weight"), str) else None,
             valuew_plus=bool(raw.get("valuew_plus", False)),
             raw=raw,
         )
@@ -227,20 +255,24 @@ class PPLLaVAConfig:
         if self.pooling.temperature <= 0:
             raise ConfigError(f"config.json: pooling_temp must be > 0, got {self.pooling.temperature}")
         if self.valuew_plus and self.variant != "qwen":
-            raise ConfigError("config.json: valuew_plus is only defined for the SigLIP (qwen) variant")
-        # Both plans must be resolvable on a full frame grid (raises ConfigError otherwise).
-        from ppllava.plan import WindowPlan  # torch-free module
-
-        for name, plan in (("video", self.pooling.video_plan()), ("image", self.pooling.image_plan())):
-            try:
-                plan.check_defined()
-            except ValueError as exc:
-                raise ConfigError(f"config.json: {name} pooling: {exc}") from None
+            log.warning("config.json: valuew_plus only affects the SigLIP (qwen) variant; ignored, as upstream does")
+            self.valuew_plus = False
+        # The video plan must be well formed; the image plan is checked when an image is encoded, as
+        # upstream only fails then (e.g. an output shape combined with image kernels).
+        try:
+            self.pooling.video_plan().check_defined()
+        except ValueError as exc:
+            raise ConfigError(f"config.json: video pooling: {exc}") from None
         t = self.text
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if not isinstance(t.get(key), int) or t[key] <= 0:
                 raise ConfigError(f"config.json: text_config.{key} must be a positive integer, got {t.get(key)!r}")
-        del WindowPlan
+        for name, sub in (("vision_config", v), ("text_config", t)):
+            if sub["hidden_size"] % sub["num_attention_heads"]:
+                raise ConfigError(
+                    f"config.json: {name}.hidden_size {sub['hidden_size']} is not divisible by "
+                    f"num_attention_heads {sub['num_attention_heads']}"
+                )
 
     # ----------------------------------------------------------- derived values
     @property
@@ -263,11 +295,6 @@ class PPLLaVAConfig:
     def feature_index(self) -> int:
         """Index into the (layers + 1) hidden states that the LLaVA side selects."""
         return self.vision_feature_layer % (self.vision["num_hidden_layers"] + 1)
-
-    @property
-    def alignment_max_length(self) -> int:
-        """Tokens the alignment text tower accepts: 77 -> 248 for CLIP, 64 -> 196 for SigLIP."""
-        return 248 if self.variant == "vicuna" else 196
 
     def visual_token_count(self, num_frames: int, media_type: str = "video") -> int:
         """Visual tokens the LLM sees for ``num_frames`` frames (images include the newline token)."""

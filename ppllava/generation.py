@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from ppllava.errors import InputError
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -25,12 +27,12 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.do_sample and not self.temperature > 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
 
 
 @dataclass
@@ -107,9 +109,9 @@ def generate_from_embeds(
             break
         next_ids = torch.tensor([[token]], dtype=torch.long, device=device)
         history = torch.cat([history, next_ids], dim=1)
-        step = {}
+        masking = {}
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
-            step = {"attention_mask": attention_mask, "position_ids": attention_mask.sum(-1, keepdim=True) - 1}
-        logits = llm(input_ids=next_ids, past_key_values=cache, use_cache=True, **step).logits[:, -1]
+            masking = {"attention_mask": attention_mask, "position_ids": attention_mask.sum(-1, keepdim=True) - 1}
+        logits = llm(input_ids=next_ids, past_key_values=cache, use_cache=True, **masking).logits[:, -1]
     return result

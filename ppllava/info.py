@@ -6,8 +6,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ppllava.alignment import resolve_alignment_config
-from ppllava.checkpoint import checkpoint_shapes, compare_keys
+from ppllava.alignment_config import resolve_alignment_config
+from ppllava.checkpoint import checkpoint_shapes
 from ppllava.config import PPLLaVAConfig
 
 FRAME_BUDGETS = (8, 16, 32)
@@ -63,14 +63,9 @@ def checkpoint_info(path: str | Path, alignment_config: str | Path | None = None
     shapes = checkpoint_shapes(path)
     keys_checked = False
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-        from ppllava.model import PPLLaVA, parameters_on_meta
+        from ppllava.model import PPLLaVA
 
-        with parameters_on_meta():
-            model = PPLLaVA(config, alignment)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        tied = bool(model.language_model.config.tie_word_embeddings)
-        compare_keys(expected, {k: s for k, (s, _) in shapes.items()},
-                     optional={"language_model.lm_head.weight"} if tied else set())
+        PPLLaVA.build_empty(config, alignment).check_weights(shapes)
         keys_checked = True
 
     params = {name: 0 for name, _ in COMPONENTS}
@@ -97,16 +92,14 @@ def checkpoint_info(path: str | Path, alignment_config: str | Path | None = None
         f"{alignment.text['hidden_size']}, {alignment.positions} positions (from {alignment.source})"
     )
     tokens: dict[str, int | str] = {}
-    for frames in FRAME_BUDGETS:
-        label = f"{frames} frames"
+    for label, frames, media in [(f"{f} frames", f, "video") for f in FRAME_BUDGETS] + [("image", 1, "image")]:
         if config.btadapter and frames > config.max_T:
             tokens[label] = f"n/a (> max_T {config.max_T})"
             continue
         try:
-            tokens[label] = config.visual_token_count(frames, "video")
+            tokens[label] = config.visual_token_count(frames, media)
         except ValueError as exc:
             tokens[label] = f"n/a ({exc})"
-    tokens["image"] = config.visual_token_count(1, "image")
     return CheckpointInfo(
         path=str(path), variant=config.variant, llm=llm, vision=vision, alignment=align, parameters=params,
         dtypes=sorted({d for _, d in shapes.values()}), tokens=tokens, keys_checked=keys_checked,

@@ -133,11 +133,11 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
 
     from ppllava.alignment import AlignmentConfig, extend_position_table
     from ppllava.config import PPLLaVAConfig
-    from ppllava.model import PPLLaVA, parameters_on_meta
+    from ppllava.model import PPLLaVA
 
     cfg = PPLLaVAConfig.from_dict(config)
-    with parameters_on_meta():
-        model = PPLLaVA(cfg, AlignmentConfig.from_dict(alignment, "tiny alignment config"))
+    alignment_config = AlignmentConfig.from_dict(alignment, "tiny alignment config")
+    model = PPLLaVA.build_empty(cfg, alignment_config)
     tied = bool(model.language_model.config.tie_word_embeddings)
     gen = torch.Generator().manual_seed(seed)
 
@@ -174,9 +174,8 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
         state[name] = value.contiguous()
     # The extended position table: a random original-length table stretched as upstream does, then a
     # "trained" residual copy that differs from it (both are stored, both are read).
-    original = int(alignment["text_config"].get("max_position_embeddings", 77 if alignment["model_type"] == "clip" else 64))
     width = int(alignment["text_config"]["hidden_size"])
-    table = extend_position_table(randn(original, width, std=0.1))
+    table = extend_position_table(randn(alignment_config.original_positions, width, std=0.1))
     prefix = "multi_modal_projector.clip_text_model.embeddings."
     state[prefix + "position_embedding"] = table
     state[prefix + "position_embedding_res"] = table + randn(*table.shape, std=0.02)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
-from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipVisionEmbeddings
+from transformers.models.siglip.modeling_siglip import (
+    SiglipEncoder,
+    SiglipMultiheadAttentionPoolingHead,
+    SiglipVisionEmbeddings,
+)
 
 from ppllava.btadapter import BTAdapterMixin, SpatialBlock, TemporalBlock
 from ppllava.errors import InputError
@@ -64,6 +68,9 @@ class SiglipVision(nn.Module):
         self.embeddings = SiglipVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # unused, as upstream
+        if getattr(config, "vision_use_head", True):
+            # transformers' default: checkpoints saved with it carry head.* weights (never used here).
+            self.head = SiglipMultiheadAttentionPoolingHead(config)
 
     def hidden_state(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
         x = self.embeddings(pixel_values)

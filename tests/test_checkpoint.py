@@ -161,3 +161,32 @@ def test_dtype_and_tied_embeddings(tmp_path):
     lm = model.language_model
     assert lm.lm_head.weight.dtype == torch.bfloat16
     assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+
+
+def test_bad_loading_options(tiny_dirs):
+    from ppllava.errors import InputError
+
+    with pytest.raises(InputError, match="dtype"):
+        PPLLaVA.from_pretrained(tiny_dirs["qwen"], dtype="float8")
+    with pytest.raises(InputError, match="not available"):
+        PPLLaVA.from_pretrained(tiny_dirs["qwen"], device="cuda:7")
+
+
+def test_non_float_weights_and_bad_generation_config(tmp_path):
+    path = make_tiny(tmp_path / "c", "qwen")
+    _rewrite(path, lambda s: s.__setitem__("image_newline", torch.zeros(64, dtype=torch.int32)))
+    with pytest.raises(CheckpointError, match="non-float"):
+        PPLLaVA.from_pretrained(path)
+    path = make_tiny(tmp_path / "d", "qwen")
+    (path / "generation_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="generation config"):
+        PPLLaVA.from_pretrained(path)
+    (path / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')
+    assert PPLLaVA.from_pretrained(path).eos_token_ids == {7, 9}
+
+
+def test_garbage_safetensors(tmp_path):
+    path = make_tiny(tmp_path / "c", "qwen")
+    (path / "model.safetensors").write_bytes(b"\x11\x00\x00\x00\x00\x00\x00\x00[1,2,3,4,5,6,7,8]")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        PPLLaVA.from_pretrained(path)

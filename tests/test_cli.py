@@ -84,3 +84,53 @@ def test_reference_answer(tiny_dirs, capsys):
     assert main(["reference", str(tiny_dirs["qwen"]), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "visual tokens" in out and "answer token ids: [" in out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"frame_shape": "abc"}, {"vision_config": [1]}, {"text_config": "x"}, {"pooling_temp": "hot"},
+        {"image_token_index": None}, {"max_T": None}, {"btadapter_depth": None}, {"pad_token_id": "a"},
+        {"vision_feature_layer": [-2]}, {"projector_hidden_act": "no_such_act"}, {"clip_weight": 5},
+        {"vision_config": {"model_type": "clip_vision_model", "hidden_size": 30, "image_size": 42, "patch_size": 7,
+                           "num_attention_heads": 4, "num_hidden_layers": 4, "intermediate_size": 64}},
+    ],
+)
+def test_malformed_config_fields_are_one_line(tmp_path, change):
+    from ppllava.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "c", "vicuna")
+    config = json.loads((path / "config.json").read_text())
+    config.update(change)
+    (path / "config.json").write_text(json.dumps(config))
+    r = run_cli("info", path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["reference", "{ckpt}", "--max-new-tokens", "-3"], "must be >= 1"),
+        (["reference", "{ckpt}", "--frames", "100"], "max_T"),
+        (["make-tiny", "/proc/no/such/dir"], "No such file"),
+        (["make-tiny", "{file}"], "not a directory"),
+    ],
+)
+def test_bad_arguments_are_one_line(tiny_dirs, tmp_path, args, expected):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli(*[a.format(ckpt=tiny_dirs["vicuna"], file=afile) for a in args])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and expected in r.stderr, r.stderr
+
+
+def test_info_without_torch(tiny_dirs):
+    # The light core (no torch) still describes a safetensors checkpoint; it says the keys were not checked.
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None;"
+        "import importlib.util; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda n, *a: None if n in ('torch', 'transformers') else real(n, *a);"
+        f"from ppllava.cli import main; sys.exit(main(['info', {str(tiny_dirs['qwen'])!r}]))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "keys not checked" in r.stdout and "variant      qwen" in r.stdout

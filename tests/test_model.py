@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ppllava import PPLLaVA
 from ppllava.errors import InputError
 from ppllava.plan import WindowPlan
+from ppllava.tiny import make_tiny
 
 VARIANTS = ["vicuna", "qwen"]
 PROMPT = torch.tensor([[1, 11, 12, 13, 1000, 21, 22, 23, 24]])
@@ -146,9 +148,73 @@ def test_bad_inputs_are_clear(tiny_models):
 
 
 def test_valuew_plus_weights(tmp_path):
-    from ppllava import PPLLaVA
-    from ppllava.tiny import make_tiny
-
+    # Bug class: probe attention computed with the wrong head split or scale.
+    plain = PPLLaVA.from_pretrained(make_tiny(tmp_path / "a", "qwen", seed=1))
     model = PPLLaVA.from_pretrained(make_tiny(tmp_path / "v", "qwen", seed=1, valuew_plus=True))
+    head = model.multi_modal_projector.clip_visual_head
+    x = torch.randn(3, 36, 32, generator=torch.Generator().manual_seed(0))
+    mha = torch.nn.MultiheadAttention(32, head.attention.num_heads, batch_first=True)
+    mha.in_proj_weight.data.copy_(head.attention.in_proj_weight)
+    mha.in_proj_bias.data.copy_(head.attention.in_proj_bias)
+    want = mha(head.probe.expand(3, 1, 32), x, x, average_attn_weights=True)[1][:, 0]  # (3, 36)
+    torch.testing.assert_close(head.probe_attention(x), want, rtol=1e-5, atol=1e-6)
     tokens = model.encode_video(frames(4), clip_ids("qwen"))
     assert tokens.shape == (1, 8, 64) and torch.isfinite(tokens).all()
+    assert (tokens - plain.encode_video(frames(4), clip_ids("qwen"))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_short_clips_end_to_end(tiny_models, variant, n):
+    # T=3 is an ordinary clip (upstream mistakes it for channels); T=1 needs a plan with one frame in time.
+    model = tiny_models[variant]
+    plan = WindowPlan(kernel=(1, 3, 3), stride=(1, 3, 3)) if n == 1 else None
+    k = 4 * n if n == 1 else 4
+    assert model.encode_video(frames(n), clip_ids(variant), plan=plan).shape == (1, k, 64)
+    out = model(PROMPT, pixel_values=frames(n), clip_ids=clip_ids(variant), plan=plan)
+    assert out.logits.shape == (1, PROMPT.shape[1] - 1 + k, 1024)
+    new = model.generate(PROMPT, pixel_values=frames(n), clip_ids=clip_ids(variant), plan=plan, max_new_tokens=3)
+    assert 1 <= new.shape[1] <= 3
+
+
+@pytest.mark.parametrize(
+    "variant,overrides,tokens",
+    [
+        ("vicuna", dict(btadapter=False), 8),  # plain CLIP tower
+        ("vicuna", dict(vision_feature_layer=-3), 8),
+        ("qwen", dict(vision_feature_layer=2), 8),
+        ("qwen", dict(pooling_kernel=None, pooling_stride=None, pllava_pooling_shape=[1, 2, 3],
+                      image_pooling_kernel=None, image_pooling_stride=None), 6),
+    ],
+)
+def test_config_variants_end_to_end(tmp_path, variant, overrides, tokens):
+    model = PPLLaVA.from_pretrained(make_tiny(tmp_path / "c", variant, seed=2, **overrides))
+    assert model.encode_video(frames(4), clip_ids(variant)).shape == (1, tokens, 64)
+    assert model.generate(PROMPT, pixel_values=frames(4), clip_ids=clip_ids(variant), max_new_tokens=2).shape[1] >= 1
+
+
+def test_bfloat16_keeps_rope_in_float32(tiny_dirs):
+    # Bug class: casting RoPE's inv_freq buffer with the weights shifts every position's rotation.
+    ref = PPLLaVA.from_pretrained(tiny_dirs["vicuna"])
+    model = PPLLaVA.from_pretrained(tiny_dirs["vicuna"], dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    buffers = dict(model.language_model.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith("inv_freq"))
+    a = ref(PROMPT, pixel_values=frames(4), clip_ids=clip_ids("vicuna")).logits
+    b = model(PROMPT, pixel_values=frames(4), clip_ids=clip_ids("vicuna")).logits.float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_api_inputs_are_converted_or_refused(tiny_models):
+    model = tiny_models["qwen"]
+    ids = clip_ids("qwen")
+    a = model.encode_video(frames(4).numpy(), ids.tolist())
+    torch.testing.assert_close(a, model.encode_video(frames(4), ids))
+    with pytest.raises(InputError, match="max_new_tokens"):
+        model.generate(PROMPT, pixel_values=frames(4), clip_ids=ids, max_new_tokens=-1)
+    with pytest.raises(InputError, match="temperature"):
+        model.generate(PROMPT, pixel_values=frames(4), clip_ids=ids, do_sample=True, temperature=0)
+    with pytest.raises(InputError, match="WindowPlan"):
+        model.encode_video(frames(4), ids, plan=(2, 3, 3))
+    with pytest.raises(InputError, match="integer token ids"):
+        model.encode_video(frames(4), ids.float())

@@ -66,10 +66,15 @@ def test_matches_upstream(upstream_models, name):
     if "visual_tokens" not in case:
         return
     with torch.no_grad():
+        pooled = model.multi_modal_projector.clip_text_model(
+            input_ids=case["clip_ids"], attention_mask=case.get("clip_mask")
+        ).pooler_output
         features = model.vision_features(case["pixel_values"])
         tokens = model.visual_tokens(case["pixel_values"], case["clip_ids"], case.get("clip_mask"), media)
     f_err = (features - case["vision_hidden_selected"]).abs().max().item()
     t_err = (tokens - case["visual_tokens"]).abs().max().item()
+    p_err = (pooled - case["clip_text_pooled"]).abs().max().item()
+    assert p_err <= 1e-5, f"{name}: alignment text tower output differs from upstream by {p_err:.2e}"
     assert f_err <= 1e-5, f"{name}: vision features differ from upstream by {f_err:.2e}"
     assert t_err <= 1e-5, f"{name}: visual tokens differ from upstream by {t_err:.2e} (> 1e-5)"
     new = model.generate(case["input_ids"], max_new_tokens=8, **inputs)
