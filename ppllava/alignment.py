@@ -55,15 +55,11 @@ class ExtendedTextEmbeddings(nn.Module):
         # upstream does: positions are always 0..L-1.
         if inputs_embeds is None:
             inputs_embeds = self.token_embedding(input_ids)
-        length = inputs_embeds.shape[1]
-        if length > self.position_embedding.shape[0]:
-            raise ValueError(
-                f"alignment text has {length} tokens; the extended position table holds "
-                f"{self.position_embedding.shape[0]}"
-            )
-        positions = torch.cat(
-            [self.position_embedding[: min(length, KEEP)], self.position_embedding_res[KEEP:length]], dim=0
-        )
+        length = inputs_embeds.shape[1]  # PPLLaVA.text_embedding checks it fits the table
+        # A row-wise select (not arithmetic) keeps this exact and free of length-dependent branches,
+        # so one exported graph serves every text length.
+        first = (torch.arange(length, device=inputs_embeds.device) < KEEP)[:, None]
+        positions = torch.where(first, self.position_embedding[:length], self.position_embedding_res[:length])
         return inputs_embeds + positions.to(inputs_embeds.dtype)
 
 

@@ -1,6 +1,6 @@
 """Window plans for prompt-guided pooling: which (T, H, W) windows become one visual token.
 
-Torch-free arithmetic. A plan is either kernel + stride (output size follows, a trailing part that
+Torch-free arithmetic (numpy only), shared by the reference and the runtime. A plan is either kernel + stride (output size follows, a trailing part that
 does not fill a window is dropped) or a requested output shape (stride = in // out,
 kernel = in - (out - 1) * stride), exactly as upstream's ``get_size``.
 """
@@ -8,6 +8,8 @@ kernel = in - (out - 1) * stride), exactly as upstream's ``get_size``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 Triple = tuple[int, int, int]
 
@@ -57,3 +59,21 @@ class WindowPlan:
 
     def output_grid(self, input_shape: Triple) -> Triple:
         return self.resolve(input_shape)[0]
+
+    def window_index(self, input_shape: Triple) -> np.ndarray:
+        """(K, W) int64 table: row k lists the flat (time, row, column) indices of the tokens in
+        output window k, in the order the windows unfold (W = kT * kH * kW).
+
+        This is what lets one exported pooling graph serve every plan: gather, softmax, weighted sum.
+        """
+        (o_t, o_h, o_w), (k_t, k_h, k_w), (s_t, s_h, s_w) = self.resolve(input_shape)
+        _, H, W = (int(v) for v in input_shape)
+        t = (np.arange(o_t) * s_t)[:, None] + np.arange(k_t)  # (o_t, k_t)
+        h = (np.arange(o_h) * s_h)[:, None] + np.arange(k_h)
+        w = (np.arange(o_w) * s_w)[:, None] + np.arange(k_w)
+        index = (
+            t[:, None, None, :, None, None] * (H * W)
+            + h[None, :, None, None, :, None] * W
+            + w[None, None, :, None, None, :]
+        )  # (o_t, o_h, o_w, k_t, k_h, k_w)
+        return index.reshape(o_t * o_h * o_w, k_t * k_h * k_w).astype(np.int64)

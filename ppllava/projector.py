@@ -124,3 +124,16 @@ class PromptGuidedProjector(nn.Module):
             hidden = self.linear_2(hidden)
         pooled = weighted_window_pool(hidden, weights, grid, plan, self.config.pooling.temperature)
         return pooled if plain else self.linear_2(pooled)
+
+    def pool_gather(self, features: torch.Tensor, text: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        """The same pooling driven by a (K, W) window-index table (``WindowPlan.window_index``).
+
+        One traced graph serves every plan (video, image, any token budget); the table is computed
+        on the host. Gather -> softmax(relevance / temperature) per window -> weighted sum -> linear_2.
+        """
+        T = features.shape[0]
+        weights = self.relevance(features, text)  # (T*N,)
+        hidden = self.act(self.linear_1(features)).reshape(T * features.shape[1], -1)  # (T*N, D)
+        window_weights = torch.softmax(weights[window_index] / self.config.pooling.temperature, dim=-1)  # (K, W)
+        pooled = (hidden[window_index] * window_weights[..., None]).sum(dim=1)  # (K, D)
+        return self.linear_2(pooled)
