@@ -1,0 +1,127 @@
+"""The language model for the engine dir.
+
+1. ``llm_hf/``: a standard Hugging Face directory extracted from the checkpoint (weights, config,
+   generation config, tokenizer). Quantization and TensorRT-LLM conversion start from it.
+2. ``llm/``: ONNX built from it by onnxruntime-genai's model builder with ``exclude_embeds``, so it
+   takes ``inputs_embeds`` (the visual tokens are spliced in before the LLM) and keeps a KV cache.
+3. ``embeddings.safetensors``: the token-embedding table and ``image_newline``, which the runtime
+   needs to embed text tokens and close an image's tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppllava.errors import PPLLaVAError
+
+log = logging.getLogger(__name__)
+
+BUILDER_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
+
+
+class LLMExportError(PPLLaVAError):
+    """The onnxruntime-genai builder failed or is not installed."""
+
+
+def extract_hf_llm(model, out_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> Path:
+    """Save the LLM as a plain transformers directory (config, safetensors, generation config, tokenizer)."""
+    from transformers import GenerationConfig
+
+    llm = model.language_model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(dtype) for k, v in llm.state_dict().items()}
+    llm.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    eos = sorted(model.eos_token_ids)
+    GenerationConfig(
+        eos_token_id=eos[0] if len(eos) == 1 else eos,
+        bos_token_id=llm.config.bos_token_id,
+        pad_token_id=model.config.pad_token_id,
+        do_sample=False,
+    ).save_pretrained(str(out_dir))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
+def save_embeddings(model, path: Path, dtype: torch.dtype) -> None:
+    from safetensors.numpy import save_file
+
+    table = model.language_model.get_input_embeddings().weight.detach().to(dtype).cpu().numpy()
+    newline = model.image_newline.detach().to(dtype).cpu().numpy()
+    save_file({"embed_tokens": np.ascontiguousarray(table), "image_newline": np.ascontiguousarray(newline)}, str(path))
+
+
+def _import_builder():
+    """onnxruntime-genai's model builder, importable beside transformers 4.x.
+
+    The 0.18 builder imports two class names that only transformers 5 defines; it never uses them
+    for Llama or Qwen2, so placeholders are enough.
+    """
+    import transformers
+
+    for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
+        if not hasattr(transformers, name):
+            setattr(transformers, name, None)
+    try:
+        import onnxruntime_genai.models  # noqa: F401  (puts the builder's modules on sys.path)
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    except ImportError as exc:
+        raise LLMExportError(f"onnxruntime-genai's model builder is not available ({exc}); pip install onnxruntime-genai") from None
+    return create_model, parse_extra_options
+
+
+def _builder_tokenizer(hf_dir: Path, vocab_size: int, into: Path) -> None:
+    """The builder insists on loading a tokenizer but only uses the config's vocab size; a checkpoint
+    without one gets a placeholder in the builder's scratch copy (never shipped as the LLM's)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+    tokenizer.save_pretrained(str(into))
+
+
+def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
+    """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``."""
+    create_model, parse_extra_options = _import_builder()
+    precision = BUILDER_PRECISION[dtype]
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        source = scratch / "hf"
+        shutil.copytree(hf_dir, source)
+        if not (source / "tokenizer.json").is_file():
+            _builder_tokenizer(source, json.loads((source / "config.json").read_text())["vocab_size"], source)
+        cache = scratch / "cache"
+        log_buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log_buffer):
+                options = parse_extra_options(None, str(source), str(out_dir), precision, "cpu", str(cache), ["exclude_embeds=true"])
+                config = options["hf_details"]["hf_config"]
+                if getattr(config, "rope_scaling", None) is None:
+                    # transformers 4.x stores "no scaling" as None; the 0.18 builder iterates over it.
+                    config.rope_scaling = {"rope_type": "default"}
+                create_model(None, str(source), str(out_dir), precision, "cpu", str(cache), **options)
+        except Exception as exc:  # the builder raises anything from KeyError to NotImplementedError
+            tail = "\n".join(log_buffer.getvalue().strip().splitlines()[-3:])
+            raise LLMExportError(f"onnxruntime-genai builder failed: {type(exc).__name__}: {exc}" + (f"\n{tail}" if tail else "")) from exc
+    if not (out_dir / "model.onnx").is_file():
+        raise LLMExportError(f"onnxruntime-genai builder wrote no model.onnx to {out_dir}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        # the placeholder tokenizer (if any) stays out of the engine dir
+        if not (hf_dir / name).is_file():
+            (out_dir / name).unlink(missing_ok=True)
+    return out_dir

@@ -1,0 +1,76 @@
+"""The LLM stage in onnxruntime: onnxruntime-genai's builder graph driven by our own decode loop.
+
+Why our own loop rather than onnxruntime-genai's Generator: the Generator's plain decoder pipeline
+feeds ``input_ids``, while PPLLaVA's prompt holds visual tokens that exist only as embeddings. Our
+loop feeds ``inputs_embeds`` at every step (the prefill with the spliced visual tokens, then one
+embedded token per step) and keeps the KV cache as the graph's present outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ppllava.runtime.backends import PROVIDERS, BackendError
+
+log = logging.getLogger(__name__)
+
+
+class OrtDecoder:
+    """model.onnx from onnxruntime-genai's builder with ``exclude_embeds=true``."""
+
+    def __init__(self, llm_dir: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("onnxruntime is not installed: pip install 'ppllava[runtime]'") from None
+        try:
+            decoder = json.loads((llm_dir / "genai_config.json").read_text())["model"]["decoder"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise BackendError(f"{llm_dir} has no usable genai_config.json: {exc}") from None
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        path = llm_dir / decoder.get("filename", "model.onnx")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=[PROVIDERS.get(p, p) for p in providers])
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
+        # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
+        # (MultiHeadAttention) takes them explicitly.
+        self.takes_positions = "position_ids" in inputs
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past = None
+        self.length = 0
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.dtype)
+        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+        self.length = 0
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Append (1, S, D) embeddings to the sequence; returns the last position's logits (V,) float32."""
+        if self.past is None:
+            self.reset()
+        steps = embeds.shape[1]
+        total = self.length + steps
+        feed = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
+                "attention_mask": np.ones((1, total), np.int64), **self.past}
+        if self.takes_positions:
+            feed["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None]
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        self.past = {
+            f"past_key_values.{i}.{kv}": outputs[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")
+        }
+        self.length = total
+        return outputs["logits"][0, -1].astype(np.float32)

@@ -1,0 +1,113 @@
+"""The engine directory's contract: ``manifest.json`` read, validated and checked against its files.
+
+Torch-free. The runtime never guesses: every shape, id, preprocessing constant and pooling plan it
+uses comes from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ppllava.errors import PPLLaVAError
+from ppllava.plan import WindowPlan
+
+FORMAT = "ppllava-engine"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY = "verify.json"
+
+
+class EngineError(PPLLaVAError):
+    """The engine directory is missing, incomplete, stale or from another format version."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plan(spec: dict[str, Any] | None) -> WindowPlan:
+    spec = spec or {}
+    as_tuple = lambda v: None if v is None else tuple(int(x) for x in v)  # noqa: E731
+    return WindowPlan(kernel=as_tuple(spec.get("kernel")), stride=as_tuple(spec.get("stride")),
+                      output_shape=as_tuple(spec.get("output_shape")))
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, check_files: bool = True) -> "Manifest":
+        root = Path(engine_dir)
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise EngineError(f"engine dir {root} does not exist (create it with `ppllava export`)")
+        if not path.is_file():
+            raise EngineError(f"{root} has no {MANIFEST}: not an engine dir, or an export that did not finish")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise EngineError(f"{path} is not a ppllava engine manifest")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise EngineError(
+                f"{path} has format version {version}; this ppllava reads version {FORMAT_VERSION}: "
+                + ("upgrade ppllava" if newer else "re-export the checkpoint with `ppllava export --force`")
+            )
+        manifest = cls(root, data)
+        if check_files:
+            manifest.check_files()
+        return manifest
+
+    # ------------------------------------------------------------ file checks
+    def stage(self, name: str) -> dict[str, Any]:
+        try:
+            return self.data["stages"][name]
+        except KeyError:
+            raise EngineError(f"{self.root / MANIFEST} has no '{name}' stage") from None
+
+    def stage_path(self, name: str) -> Path:
+        stage = self.stage(name)
+        return self.root / (stage.get("file") or stage["dir"])
+
+    def check_files(self, verify_checksums: bool = False) -> None:
+        """Every stage artifact exists (and, on request, matches the checksum recorded at export)."""
+        for name, stage in self.data.get("stages", {}).items():
+            for rel, digest in stage.get("files", {}).items():
+                path = self.root / rel
+                if not path.is_file():
+                    raise EngineError(f"{name} stage file {path} is missing; re-export or copy the whole engine dir")
+                if verify_checksums and sha256_file(path) != digest:
+                    raise EngineError(f"{path} does not match the checksum in {MANIFEST}: the file was modified or corrupted")
+
+    # --------------------------------------------------------- typed accessors
+    @property
+    def variant(self) -> str:
+        return self.data["variant"]
+
+    @property
+    def dims(self) -> dict[str, Any]:
+        return self.data["dims"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.data["pooling"]["frame_grid"])
+
+    def plan(self, media_type: str = "video") -> WindowPlan:
+        return _plan(self.data["pooling"][media_type])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.data["pooling"]["temperature"])

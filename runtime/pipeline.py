@@ -1,0 +1,158 @@
+"""The torch-free pipeline over an engine directory: vision -> text -> pool -> LLM.
+
+``Pipeline.open(engine_dir)`` loads what the manifest describes; ``generate_ids`` runs pre-processed
+inputs end to end (integrations and parity checks use it; ``ask`` adds video decoding and
+tokenization on top).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ppllava.errors import InputError
+from ppllava.plan import WindowPlan
+from ppllava.runtime.backends import OrtStage
+from ppllava.runtime.decoder import OrtDecoder
+from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.sampling import Sampling, TokenSampler
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = ("video", "image")
+
+
+@dataclass
+class Timings:
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    timings: Timings
+    visual_tokens: int
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None):
+        self.manifest = manifest
+        root = manifest.root
+        self.stages = {name: OrtStage(manifest.stage_path(name), providers, threads) for name in ("vision", "text", "pool")}
+        self.decoder = None
+        self.embed_tokens = self.image_newline = None
+        if "llm" in manifest.data["stages"]:
+            from safetensors.numpy import load_file
+
+            self.decoder = OrtDecoder(manifest.stage_path("llm"), providers, threads)
+            extras = load_file(str(root / manifest.data["llm"]["embeddings"]))
+            self.embed_tokens = extras["embed_tokens"]
+            self.image_newline = extras["image_newline"]
+        llm = manifest.data["llm"]
+        self.image_token_id = int(llm["image_token_id"])
+        self.pad_token_id = llm.get("pad_token_id")
+        self.eos_token_ids = set(llm.get("eos_token_ids", []))
+        self.context = int(manifest.dims["llm_context"])
+
+    @classmethod
+    def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
+             threads: int | None = None) -> "Pipeline":
+        if backend != "onnxruntime":
+            raise EngineError(f"backend {backend!r} is not available in this build (available: onnxruntime)")
+        return cls(Manifest.load(engine_dir), providers, threads)
+
+    # ---------------------------------------------------------------- stages
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.stages["vision"].run(pixel_values=pixel_values)["features"]
+
+    def text(self, clip_ids: np.ndarray, clip_mask: np.ndarray | None = None) -> np.ndarray:
+        if clip_mask is None:
+            clip_mask = np.ones_like(clip_ids)
+        return self.stages["text"].run(clip_ids=clip_ids, clip_mask=clip_mask)["text_embedding"]
+
+    def pool(self, features: np.ndarray, text: np.ndarray, plan: WindowPlan, media_type: str = "video") -> np.ndarray:
+        grid = (features.shape[0], *self.manifest.grid)
+        try:
+            index = plan.window_index(grid)
+        except ValueError as exc:
+            raise InputError(f"cannot pool {features.shape[0]} frame(s): {exc}") from None
+        tokens = self.stages["pool"].run(features=features, text_embedding=text, window_index=index)["visual_tokens"]
+        if media_type == "image":
+            tokens = np.concatenate([tokens, self.image_newline[None].astype(tokens.dtype)], axis=0)
+        return tokens
+
+    def embed_prompt(self, input_ids: np.ndarray, visual: np.ndarray) -> np.ndarray:
+        """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D); as upstream,
+        prompt tokens equal to the pad id embed to zeros."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        where = np.flatnonzero(ids[0] == self.image_token_id)
+        if where.size != 1:
+            raise InputError(f"input_ids must hold exactly one image token ({self.image_token_id}), found {where.size}")
+        vocab = self.embed_tokens.shape[0]
+        text_ids = np.where(ids[0] == self.image_token_id, 0, ids[0])
+        if text_ids.min() < 0 or text_ids.max() >= vocab:
+            raise InputError(f"input_ids must lie in [0, {vocab}) apart from the image token")
+        embeds = self.embed_tokens[text_ids].astype(np.float32)
+        if self.pad_token_id is not None:
+            embeds[ids[0] == self.pad_token_id] = 0.0
+        pos = int(where[0])
+        return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
+
+    # ------------------------------------------------------------ end to end
+    def generate_ids(
+        self,
+        pixel_values,
+        clip_ids,
+        input_ids,
+        clip_mask=None,
+        max_new_tokens: int = 64,
+        media_type: str = "video",
+        plan: WindowPlan | None = None,
+        sampling: Sampling = Sampling(),
+        features: np.ndarray | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Pre-processed inputs -> new token ids (greedy unless ``sampling`` says otherwise)."""
+        if self.decoder is None:
+            raise EngineError(f"{self.manifest.root} was exported without an LLM (--llm none)")
+        if media_type not in MEDIA_TYPES:
+            raise InputError(f"media_type must be one of {MEDIA_TYPES}, got {media_type!r}")
+        timings = Timings()
+        t0 = time.perf_counter()
+        if features is None:
+            features = self.vision(np.asarray(pixel_values, dtype=np.float32))
+            timings.add("vision", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        text = self.text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
+        timings.add("text", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        visual = self.pool(features, text, plan or self.manifest.plan(media_type), media_type)
+        timings.add("pool", time.perf_counter() - t0)
+        embeds = self.embed_prompt(input_ids, visual)
+        if embeds.shape[1] >= self.context:
+            raise InputError(f"prompt of {embeds.shape[1]} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
+        max_new_tokens = min(max_new_tokens, self.context - embeds.shape[1])
+        sampler = TokenSampler(sampling)
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        self.decoder.reset()
+        logits = self.decoder.forward(embeds)
+        timings.add("prefill", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        while len(tokens) < max_new_tokens:
+            token = sampler(logits)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in self.eos_token_ids or len(tokens) == max_new_tokens:
+                break
+            logits = self.decoder.forward(self.embed_tokens[token][None, None])
+        timings.add("decode", time.perf_counter() - t0)
+        return GenerationResult(tokens, timings, visual.shape[0])
