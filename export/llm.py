@@ -108,7 +108,7 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
         cache = scratch / "cache"
         log_buffer = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log_buffer):
+            with contextlib.redirect_stdout(log_buffer), contextlib.redirect_stderr(log_buffer):
                 options = parse_extra_options(None, str(source), str(out_dir), precision, "cpu", str(cache), ["exclude_embeds=true"])
                 config = options["hf_details"]["hf_config"]
                 if getattr(config, "rope_scaling", None) is None:

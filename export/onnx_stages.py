@@ -68,7 +68,11 @@ def example_inputs(model, stage: str, frames: int, dtype: torch.dtype, seed: int
     features = torch.randn(frames, cfg.num_patches, cfg.vision["hidden_size"], generator=g).to(dtype)
     with torch.no_grad():
         text = model.multi_modal_projector.text_embedding(*example_inputs(model, "text", frames, dtype, seed))
-    index = torch.from_numpy(cfg.pooling.video_plan().window_index((frames, *cfg.grid)))
+    try:
+        index = cfg.pooling.video_plan().window_index((frames, *cfg.grid))
+    except ValueError:  # too few frames for the video windows: trace with the image plan instead
+        index = cfg.pooling.image_plan().window_index((frames, *cfg.grid))
+    index = torch.from_numpy(index)
     return (features, text.to(dtype), index)
 
 

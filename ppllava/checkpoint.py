@@ -46,6 +46,23 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     return files
 
 
+def fingerprint(checkpoint_dir: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A cheap identity for a checkpoint: config.json plus, per weight file, its size and
+    ``samples`` chunks spread through it (hashing all of a 14 GB checkpoint would take minutes)."""
+    import hashlib
+
+    d = Path(checkpoint_dir)
+    digest = hashlib.sha256((d / "config.json").read_bytes())
+    for path in weight_files(d):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - chunk) * i // max(samples - 1, 1)))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) from a safetensors file's header; checks the file is not truncated."""
     try:

@@ -1,0 +1,265 @@
+"""``ppllava export``: checkpoint -> verified, self-describing engine directory.
+
+The directory is built in a temporary sibling and renamed into place only after verification
+passes, so an interrupted or failed export leaves nothing that looks like an engine dir, and an
+existing directory is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ppllava import __version__
+from ppllava.checkpoint import fingerprint
+from ppllava.errors import PPLLaVAError
+from ppllava.export import llm as llm_export
+from ppllava.export import tokenizers
+from ppllava.export.onnx_stages import dynamic_ranges, export_stage
+from ppllava.export.templates import choose_template
+from ppllava.model import PPLLaVA
+from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAMES = 32  # upstream's inference default
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: Path
+    out: Path
+    dtype: str = "fp32"
+    max_frames: int | None = None
+    llm: str = "onnx"  # "onnx" | "none"
+    force: bool = False
+    alignment_config: Path | None = None
+    alignment_dir: Path | None = None
+    template: str = "auto"
+    verify: bool = True
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PPLLaVAError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.llm not in ("onnx", "none"):
+            raise PPLLaVAError(f"--llm must be 'onnx' or 'none', got {self.llm!r}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise PPLLaVAError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if self.out.exists() and not self.force:
+            raise PPLLaVAError(f"{self.out} already exists; pass --force to replace it")
+        if self.out.exists() and not self.out.is_dir():
+            raise PPLLaVAError(f"{self.out} exists and is not a directory")
+        parent = self.out.resolve().parent
+        if not parent.is_dir():
+            raise PPLLaVAError(f"cannot create {self.out}: {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise PPLLaVAError(f"cannot create {self.out}: {parent} is not writable")
+
+
+@dataclass
+class StepLog:
+    """Progress of the export: one line per step with its elapsed time (the CLI prints them)."""
+
+    report: Callable[[str], None] = log.info
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def run(self, name: str, fn, *args, detail: Callable | None = None, **kwargs):
+        self.report(f"[{len(self.rows) + 1}] {name} ...")
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        elapsed = time.perf_counter() - t0
+        note = detail(result) if detail else ""
+        self.rows.append((name, elapsed, note))
+        self.report(f"    done in {elapsed:.1f} s{'  ' + note if note else ''}")
+        return result
+
+
+def _tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"ppllava": __version__}
+    for package in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "tokenizers"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _files(root: Path, paths: list[Path]) -> dict[str, str]:
+    """relative path -> sha256, for the manifest's integrity check."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in paths if p.is_file()}
+
+
+def _preprocessing(checkpoint: Path, model: PPLLaVA, default_frames: int) -> dict:
+    """Frame preprocessing: the checkpoint's preprocessor_config.json if present, else the variant's."""
+    clip = model.config.variant == "vicuna"
+    spec = {
+        "size": model.config.image_size,
+        "resize": "bicubic",
+        "keep_aspect_ratio": False,
+        "rescale": 1 / 255,
+        "mean": [0.48145466, 0.4578275, 0.40821073] if clip else [0.5, 0.5, 0.5],
+        "std": [0.26862954, 0.26130258, 0.27577711] if clip else [0.5, 0.5, 0.5],
+        "color": "RGB",
+        "default_frames": default_frames,
+        "sampling": "segment_centres",
+    }
+    file = checkpoint / "preprocessor_config.json"
+    if file.is_file():
+        try:
+            raw = json.loads(file.read_text())
+            spec["mean"] = [float(v) for v in raw.get("image_mean", spec["mean"])]
+            spec["std"] = [float(v) for v in raw.get("image_std", spec["std"])]
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable %s (%s); using the variant's defaults", file, exc)
+    return spec
+
+
+def export_engine(options: ExportOptions, report: Callable[[str], None] = log.info) -> dict:
+    """Export, verify, and atomically publish the engine dir. Returns the manifest."""
+    options.validate()
+    steps = StepLog(report)
+    model = steps.run("load reference checkpoint", PPLLaVA.from_pretrained, options.checkpoint,
+                      alignment_config=options.alignment_config)
+    cfg = model.config
+    max_frames = options.max_frames or (cfg.max_T if cfg.btadapter else 64)
+    if cfg.btadapter and max_frames > cfg.max_T:
+        raise PPLLaVAError(f"--max-frames {max_frames} exceeds the BT-Adapter's max_T of {cfg.max_T}")
+    default_frames = min(DEFAULT_FRAMES, max_frames)
+    dtype = DTYPES[options.dtype]
+    export_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+    out = options.out
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        manifest = _build(options, steps, model, export_model, work, max_frames, default_frames, dtype)
+        if options.verify:
+            from ppllava.export.verify import verify_engine
+
+            steps.run("verify against the reference", verify_engine, work, model, options.dtype,
+                      detail=lambda r: "all checks passed")
+        _publish(work, out, options.force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest["_summary"] = steps.rows
+    return manifest
+
+
+def _build(options, steps, model, export_model, work, max_frames, default_frames, dtype) -> dict:
+    cfg = model.config
+    ranges = dynamic_ranges(model, max_frames, default_frames)
+    example_frames = min(4, max_frames)
+    stages = {}
+    for name in ("vision", "text", "pool"):
+        path = work / f"{name}.onnx"
+        io = steps.run(f"export {name}.onnx", export_stage, export_model, name, path, ranges, example_frames, dtype,
+                       detail=lambda _, p=path: f"{p.stat().st_size / 2**20:.1f} MiB")
+        files = [path] + ([path.with_suffix(".onnx.data")] if path.with_suffix(".onnx.data").exists() else [])
+        stages[name] = {"file": path.name, "backend": "onnxruntime", "precision": options.dtype, **io,
+                        "dynamic": {d: ranges[d] for d in _dims(io)}, "files": _files(work, files)}
+
+    llm_tok = steps.run("LLM tokenizer", tokenizers.llm_tokenizer, options.checkpoint, work / "tokenizers" / "llm",
+                        detail=lambda r: r.source)
+    align_tok = steps.run(
+        "alignment tokenizer", tokenizers.alignment_tokenizer, model.alignment.kind, options.checkpoint,
+        cfg.clip_weight, options.alignment_dir, work / "tokenizers" / "alignment", detail=lambda r: r.source,
+    )
+    steps.run("extract LLM (Hugging Face dir)", llm_export.extract_hf_llm, model, work / "llm_hf", llm_tok.path,
+              _source_dtype(options.checkpoint, dtype))
+    steps.run("embedding table", llm_export.save_embeddings, model, work / "embeddings.safetensors", dtype)
+    if options.llm == "onnx":
+        steps.run("build ONNX LLM (onnxruntime-genai)", llm_export.build_onnx_llm, work / "llm_hf", work / "llm", dtype)
+        llm_files = sorted((work / "llm").iterdir())
+        stages["llm"] = {"dir": "llm", "backend": "onnxruntime-genai-builder", "precision": options.dtype,
+                         "inputs": ["inputs_embeds", "attention_mask", "past_key_values.*"],
+                         "outputs": ["logits", "present.*"], "files": _files(work, llm_files)}
+
+    text = model.language_model.config
+    template = choose_template(options.template, cfg.variant, llm_tok.chat_template)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": _tool_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"checkpoint": str(options.checkpoint.resolve()), "fingerprint": fingerprint(options.checkpoint)},
+        "variant": cfg.variant,
+        "dims": {
+            "image_size": cfg.image_size, "frame_grid": list(cfg.grid), "num_patches": cfg.num_patches,
+            "vision_hidden": cfg.vision["hidden_size"], "llm_hidden": cfg.llm_hidden_size,
+            "vocab_size": text.vocab_size, "llm_context": text.max_position_embeddings, "max_frames": max_frames,
+            "llm_layers": text.num_hidden_layers,
+        },
+        "preprocessing": _preprocessing(options.checkpoint, model, default_frames),
+        "pooling": {
+            "frame_grid": list(cfg.grid),
+            "video": _plan_dict(cfg.pooling.video_plan()),
+            "image": _plan_dict(cfg.pooling.image_plan()),
+            "temperature": cfg.pooling.temperature,
+            "image_newline": True,
+        },
+        "alignment": {
+            "kind": model.alignment.kind,
+            "max_length": model.alignment.positions,
+            "padding": "max_length",
+            "pad_id": 49407 if model.alignment.kind == "clip" else (align_tok.special or {}).get("pad_token_id"),
+            "mask": model.alignment.kind == "clip",  # upstream's SigLIP tokenizer returns no attention mask
+            "tokenizer": "tokenizers/alignment/tokenizer.json" if align_tok.path else None,
+            "tokenizer_source": align_tok.source,
+        },
+        "llm": {
+            "image_token_id": cfg.image_token_index,
+            "pad_token_id": cfg.pad_token_id,
+            "eos_token_ids": sorted(model.eos_token_ids),
+            "template": template,
+            "tokenizer": "tokenizers/llm/tokenizer.json" if llm_tok.path else None,
+            "tokenizer_source": llm_tok.source,
+            "embeddings": "embeddings.safetensors",
+            "hf_dir": "llm_hf",
+        },
+        "stages": stages,
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _dims(io: dict) -> set[str]:
+    return {d for entry in io["inputs"] + io["outputs"] for d in entry["shape"] if isinstance(d, str)}
+
+
+def _plan_dict(plan) -> dict:
+    as_list = lambda v: None if v is None else list(v)  # noqa: E731
+    return {"kernel": as_list(plan.kernel), "stride": as_list(plan.stride), "output_shape": as_list(plan.output_shape)}
+
+
+def _source_dtype(checkpoint: Path, fallback: torch.dtype) -> torch.dtype:
+    """Keep the extracted LLM in the checkpoint's own precision (bf16/fp16 releases stay small)."""
+    raw = json.loads((checkpoint / "config.json").read_text())
+    name = raw.get("torch_dtype") or (raw.get("text_config") or {}).get("torch_dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name, fallback)
+
+
+def _publish(work: Path, out: Path, force: bool) -> None:
+    """Rename the finished directory into place; an old one (with --force) is removed only after."""
+    old = None
+    if out.exists():
+        if not force:
+            raise PPLLaVAError(f"{out} appeared during the export; not replacing it without --force")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

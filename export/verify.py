@@ -1,0 +1,141 @@
+"""Every exported artifact checks itself: run it through the runtime's own backend and compare with
+the reference on inputs different from the tracing inputs, at two or more sizes of every dynamic
+axis. Results go to verify.json; a missed tolerance fails the export with the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppllava.errors import PPLLaVAError
+from ppllava.plan import WindowPlan
+from ppllava.runtime.manifest import VERIFY
+from ppllava.runtime.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+# Max absolute error allowed per stage output, by export precision (features and tokens are O(1)).
+TOLERANCES = {
+    "fp32": {"vision": 1e-4, "text": 1e-4, "pool": 1e-4},
+    "fp16": {"vision": 5e-2, "text": 1e-2, "pool": 5e-2},
+}
+E2E_PROMPTS = 3
+E2E_NEW_TOKENS = 8
+SEED = 20251124  # not the tracing seed: verification inputs differ from export inputs
+
+
+class VerificationError(PPLLaVAError):
+    """An exported stage disagrees with the reference beyond its tolerance."""
+
+
+def _errors(got: np.ndarray, want: torch.Tensor) -> dict[str, float]:
+    want = want.detach().float().numpy()
+    got = got.astype(np.float32)
+    if got.shape != want.shape:
+        return {"max_abs": float("inf"), "mean_rel": float("inf"), "shape": list(got.shape)}
+    diff = np.abs(got - want)
+    return {"max_abs": float(diff.max()), "mean_rel": float(diff.mean() / max(np.abs(want).mean(), 1e-12))}
+
+
+def _frame_counts(max_frames: int) -> list[int]:
+    return sorted({1, min(4, max_frames), max_frames})
+
+
+def _clip_ids(model, length: int, real: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alignment ids of ``length`` with ``real`` non-pad tokens (CLIP-style: EOT then EOT padding)."""
+    vocab = model.multi_modal_projector.clip_text_model.embeddings.token_embedding.num_embeddings
+    ids = torch.randint(3, vocab - 2, (1, length), generator=g)
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[:, :real] = 1
+    if model.alignment.kind == "clip":
+        ids[0, real - 1 :] = vocab - 1  # the highest id is EOT in CLIP's vocabulary; pads repeat it
+    return ids, mask
+
+
+def verify_engine(engine_dir: Path, model, precision: str) -> dict:
+    """Check vision/text/pool and, when present, end-to-end greedy tokens. Writes verify.json."""
+    pipe = Pipeline.open(engine_dir)
+    cfg = model.config
+    max_frames = pipe.manifest.dims["max_frames"]
+    tolerances = TOLERANCES[precision]
+    g = torch.Generator().manual_seed(SEED)
+    report: dict = {"precision": precision, "tolerances": tolerances, "seed": SEED, "stages": {}, "end_to_end": None}
+    failures: list[str] = []
+
+    def check(stage: str, label: str, got: np.ndarray, want: torch.Tensor) -> None:
+        errors = _errors(got, want)
+        report["stages"].setdefault(stage, {})[label] = errors
+        if not errors["max_abs"] <= tolerances[stage]:
+            failures.append(f"{stage} [{label}]: max abs error {errors['max_abs']:.3g} > {tolerances[stage]:g}")
+
+    with torch.no_grad():
+        features = {}
+        for T in _frame_counts(max_frames):
+            px = torch.randn(T, 3, cfg.image_size, cfg.image_size, generator=g)
+            want = model.vision_features(px)
+            features[T] = want
+            check("vision", f"T={T}", pipe.vision(px.numpy()), want)
+        positions = model.alignment.positions
+        texts = {}
+        for length, real in ((10, 10), (positions, max(2, positions // 3))):
+            ids, mask = _clip_ids(model, length, real, g)
+            want = model.text_embedding(ids, mask)
+            texts[length] = want
+            check("text", f"L={length}", pipe.text(ids.numpy(), mask.numpy()), want)
+        text = texts[10]
+        plans = [("video", min(4, max_frames), cfg.pooling.video_plan()), ("image", 1, cfg.pooling.image_plan()),
+                 ("output_shape", max_frames, WindowPlan(output_shape=(1, *(max(1, g_ // 2) for g_ in cfg.grid))))]
+        for label, T, plan in plans:
+            try:
+                plan.resolve((T, *cfg.grid))
+            except ValueError:
+                continue
+            want = model.pool(features[T], text, plan)
+            got = pipe.pool(features[T].numpy(), text.numpy(), plan, media_type="video")
+            check("pool", f"{label} T={T} K={want.shape[0]}", got, want)
+
+    if pipe.decoder is not None:
+        report["end_to_end"] = _end_to_end(pipe, model, g, precision, failures)
+    (engine_dir / VERIFY).write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
+        raise VerificationError(
+            "exported engine disagrees with the reference: " + "; ".join(failures)
+            + f" (numbers in {engine_dir / VERIFY}; rerun with `ppllava verify`)"
+        )
+    return report
+
+
+def _end_to_end(pipe: Pipeline, model, g: torch.Generator, precision: str, failures: list[str]) -> dict:
+    """Greedy tokens of ONNX stages + ONNX LLM against the reference, for several prompts."""
+    cfg = model.config
+    vocab = model.language_model.config.vocab_size
+    avoid = {cfg.image_token_index, cfg.pad_token_id, *model.eos_token_ids}
+    T = min(4, pipe.manifest.dims["max_frames"])
+    try:
+        cfg.pooling.video_plan().resolve((T, *cfg.grid))
+        media = "video"
+    except ValueError:
+        T, media = 1, "image"
+    cases = []
+    t0 = time.perf_counter()
+    for i in range(E2E_PROMPTS):
+        px = torch.randn(T, 3, cfg.image_size, cfg.image_size, generator=g)
+        clip_ids, clip_mask = _clip_ids(model, 12 + i, 12 + i, g)
+        text = [t for t in torch.randint(1, vocab, (6 + 2 * i,), generator=g).tolist() if t not in avoid] or [1]
+        ids = torch.tensor([[text[0], cfg.image_token_index, *text[1:]]])
+        want = model.generate(ids, pixel_values=px, clip_ids=clip_ids, clip_mask=clip_mask, media_type=media,
+                              max_new_tokens=E2E_NEW_TOKENS)[0].tolist()
+        got = pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), clip_mask.numpy(),
+                                max_new_tokens=E2E_NEW_TOKENS, media_type=media).token_ids
+        cases.append({"prompt_ids": ids[0].tolist(), "reference": want, "engine": got, "identical": want == got})
+    identical = sum(c["identical"] for c in cases)
+    if precision == "fp32" and identical < len(cases):
+        failures.append(f"end to end: greedy tokens identical for {identical}/{len(cases)} prompts")
+    return {"media_type": media, "frames": T, "identical": f"{identical}/{len(cases)}", "cases": cases,
+            "seconds": round(time.perf_counter() - t0, 2)}
