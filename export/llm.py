@@ -95,6 +95,18 @@ def _builder_tokenizer(hf_dir: Path, vocab_size: int, into: Path) -> None:
     tokenizer.save_pretrained(str(into))
 
 
+def _drop_shape_annotations(path: Path) -> None:
+    """The 0.18 builder's fp16 CPU graph (MultiHeadAttention with repeated KV heads) annotates a
+    reshape output with the prompt length where decoding produces the total length; onnxruntime
+    trusts the annotation and fails on the first decode step. Shapes are re-inferred at load, so the
+    annotations can go (the weights file is untouched)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
+
+
 def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``."""
     create_model, parse_extra_options = _import_builder()
@@ -120,6 +132,8 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
             raise LLMExportError(f"onnxruntime-genai builder failed: {type(exc).__name__}: {exc}" + (f"\n{tail}" if tail else "")) from exc
     if not (out_dir / "model.onnx").is_file():
         raise LLMExportError(f"onnxruntime-genai builder wrote no model.onnx to {out_dir}")
+    if dtype == torch.float16:
+        _drop_shape_annotations(out_dir / "model.onnx")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         # the placeholder tokenizer (if any) stays out of the engine dir
         if not (hf_dir / name).is_file():

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=12)
     p.set_defaults(handler=_cmd_reference)
 
+    from ppllava.export.cli import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)
+
     p = sub.add_parser("demo", help="the embedded default: tiny checkpoint -> info -> reference answer")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)
     p.set_defaults(handler=_cmd_demo)

@@ -58,7 +58,7 @@ class OrtStage:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
         self.path = path
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
@@ -79,5 +79,13 @@ class OrtStage:
             elif want == "tensor(int64)" and value.dtype != np.int64:
                 value = value.astype(np.int64)
             feed[name] = np.ascontiguousarray(value)
-        outputs = self.session.run(list(self.output_names), feed)
+        try:
+            outputs = self.session.run(list(self.output_names), feed)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"{self.path.name} failed in onnxruntime: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

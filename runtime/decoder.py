@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import PROVIDERS, BackendError
+from ppllava.runtime.backends import PROVIDERS, BackendError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class OrtDecoder:
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=[PROVIDERS.get(p, p) for p in providers])
         except Exception as exc:  # onnxruntime's own exception types
-            raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
@@ -68,7 +68,10 @@ class OrtDecoder:
                 "attention_mask": np.ones((1, total), np.int64), **self.past}
         if self.takes_positions:
             feed["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None]
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        try:
+            outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"LLM failed in onnxruntime: {first_line(exc)}") from None
         self.past = {
             f"past_key_values.{i}.{kv}": outputs[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")
         }

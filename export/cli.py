@@ -1,0 +1,87 @@
+"""``ppllava export`` and ``ppllava verify``: argument parsing only; the work is in engine.py / verify.py.
+
+Importing this module is cheap (no torch): the dispatcher builds every subcommand's parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ppllava.errors import PPLLaVAError
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cmd_export(args) -> int:
+    from ppllava.export.engine import ExportOptions, export_engine
+
+    options = ExportOptions(
+        checkpoint=args.checkpoint, out=args.out, dtype=args.dtype, max_frames=args.max_frames, llm=args.llm,
+        force=args.force, alignment_config=args.alignment_config, alignment_dir=args.alignment_dir,
+        template=args.template, verify=not args.no_verify,
+    )
+    manifest = export_engine(options, report=_say)
+    rows = manifest.pop("_summary")
+    width = max(len(name) for name, _, _ in rows)
+    print(f"\n{'step':<{width}}  {'seconds':>8}  note")
+    for name, seconds, note in rows:
+        print(f"{name:<{width}}  {seconds:>8.1f}  {note}")
+    total = sum(seconds for _, seconds, _ in rows)
+    print(f"{'total':<{width}}  {total:>8.1f}  {args.out} ({_dir_size(args.out) / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import json
+
+    from ppllava.checkpoint import fingerprint
+    from ppllava.export.verify import verify_engine
+    from ppllava.model import PPLLaVA
+    from ppllava.runtime.manifest import Manifest
+
+    manifest = Manifest.load(args.engine_dir)
+    if fingerprint(args.checkpoint) != manifest.data["source"]["fingerprint"] and not args.any_checkpoint:
+        raise PPLLaVAError(
+            f"{args.checkpoint} is not the checkpoint {args.engine_dir} was exported from "
+            f"({manifest.data['source']['checkpoint']}); pass --any-checkpoint to compare anyway"
+        )
+    model = PPLLaVA.from_pretrained(args.checkpoint, alignment_config=args.alignment_config)
+    precision = manifest.stage("vision")["precision"]
+    report = verify_engine(Path(args.engine_dir), model, precision)
+    for stage, checks in report["stages"].items():
+        for label, errors in checks.items():
+            print(f"{stage:<7} {label:<24} max abs {errors['max_abs']:.2e}  mean rel {errors['mean_rel']:.2e}")
+    if report["end_to_end"]:
+        print(f"end to end: greedy tokens identical for {report['end_to_end']['identical']} prompts")
+    print(json.dumps({"verified": True, "precision": precision}))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("export", help="checkpoint -> verified engine dir (ONNX stages + ONNX LLM)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="engine dir to create")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--max-frames", type=int, help="largest clip the vision stage accepts (default: max_T, or 64)")
+    p.add_argument("--llm", choices=("onnx", "none"), default="onnx")
+    p.add_argument("--force", action="store_true", help="replace an existing engine dir")
+    p.add_argument("--alignment-config", type=Path, help="config.json of the alignment CLIP/SigLIP model")
+    p.add_argument("--alignment-dir", type=Path, help="alignment model directory with its tokenizer (SigLIP)")
+    p.add_argument("--template", default="auto", help="prompt template: auto, plain_v1 or plain_qwen")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity checks (not recommended)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("verify", help="rerun the export's parity checks on an existing engine dir")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--alignment-config", type=Path)
+    p.add_argument("--any-checkpoint", action="store_true", help="skip the source fingerprint check")
+    p.set_defaults(handler=cmd_verify)
