@@ -1,0 +1,197 @@
+"""ppllava export: engine dirs that verify themselves, checked again here independently.
+
+Guards against exported graphs that only work at the tracing shapes, against an LLM decode loop
+that drifts from the reference, and against half-written or overwritten directories.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ppllava import PPLLaVA
+from ppllava.errors import PPLLaVAError
+from ppllava.export.engine import ExportOptions, export_engine
+from ppllava.plan import WindowPlan
+from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for variant in ("vicuna", "qwen"):
+        export_engine(ExportOptions(tiny_dirs[variant], root / variant), report=lambda line: None)
+        out[variant] = root / variant
+    return out
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_engine_dir_contract(engines, variant):
+    manifest = Manifest.load(engines[variant])
+    manifest.check_files(verify_checksums=True)
+    data = manifest.data
+    assert data["variant"] == variant
+    assert set(data["stages"]) == {"vision", "text", "pool", "llm"}
+    vision = data["stages"]["vision"]
+    assert vision["inputs"][0]["shape"] == ["T", 3, 42, 42] and vision["dynamic"]["T"]["max"] == (8 if variant == "vicuna" else 64)
+    assert data["stages"]["text"]["dynamic"]["L"]["max"] == (248 if variant == "vicuna" else 196)
+    assert data["stages"]["pool"]["inputs"][2]["shape"] == ["K", "W"]
+    assert data["llm"]["image_token_id"] == 1000 and data["llm"]["eos_token_ids"] == [2]
+    assert data["pooling"]["video"] == {"kernel": [2, 3, 3], "stride": [2, 3, 3], "output_shape": None}
+    assert data["source"]["fingerprint"] and data["created_by"]["onnxruntime"]
+    assert data["llm"]["template"]["name"] == ("plain_v1" if variant == "vicuna" else "plain_qwen")
+    verify = json.loads((engines[variant] / "verify.json").read_text())
+    assert verify["end_to_end"]["identical"] == "3/3"
+    assert all(e["max_abs"] <= 1e-4 for checks in verify["stages"].values() for e in checks.values())
+    assert set(verify["stages"]["vision"]) == {"T=1", "T=4", f"T={8 if variant == 'vicuna' else 64}"}
+    assert (engines[variant] / "llm_hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+@pytest.mark.parametrize("frames", [2, 5])
+def test_pipeline_matches_reference(engines, tiny_models, variant, frames):
+    # Independent of verify.py: new inputs, a frame count and window plan the export never saw.
+    model, pipe = tiny_models[variant], Pipeline.open(engines[variant])
+    g = torch.Generator().manual_seed(frames)
+    px = torch.randn(frames, 3, 42, 42, generator=g)
+    ids = torch.randint(3, 900, (1, 17), generator=g)
+    plan = WindowPlan(output_shape=(1, 2, 3))
+    with torch.no_grad():
+        want = model.encode_video(px, ids, plan=plan)[0].numpy()
+    got = pipe.pool(pipe.vision(px.numpy()), pipe.text(ids.numpy()), plan)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    prompt = torch.tensor([[5, 6, 1000, 7, 8, 9]])
+    ref = model.generate(prompt, pixel_values=px, clip_ids=ids, max_new_tokens=10)[0].tolist()
+    out = pipe.generate_ids(px.numpy(), ids.numpy(), prompt.numpy(), max_new_tokens=10)
+    assert out.token_ids == ref
+    assert set(out.timings.ms) == {"vision", "text", "pool", "prefill", "decode"}
+
+
+def test_fp16_export(tiny_dirs, tmp_path):
+    manifest = export_engine(ExportOptions(tiny_dirs["qwen"], tmp_path / "e16", dtype="fp16"), report=lambda _: None)
+    assert manifest["stages"]["vision"]["precision"] == "fp16"
+    verify = json.loads((tmp_path / "e16" / "verify.json").read_text())
+    assert verify["precision"] == "fp16"
+    worst = max(e["max_abs"] for checks in verify["stages"].values() for e in checks.values())
+    assert 1e-5 < worst <= 5e-2  # really half precision, and within the recorded tolerance
+
+
+def test_existing_out_is_not_touched(tiny_dirs, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PPLLaVAError, match="--force"):
+        export_engine(ExportOptions(tiny_dirs["qwen"], out))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_export_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    import ppllava.export.engine as engine
+
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        calls.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.llm_export, "build_onnx_llm", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_engine(ExportOptions(tiny_dirs["qwen"], tmp_path / "e"), report=lambda _: None)
+    assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_failed_forced_export_keeps_the_old_engine(engines, tiny_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    import ppllava.export.verify as verify
+
+    old = tmp_path / "old"
+    shutil.copytree(engines["qwen"], old)
+    before = (old / "manifest.json").read_text()
+
+    def bad(*args, **kwargs):
+        raise verify.VerificationError("pool: max abs error 1 > 0.0001")
+
+    monkeypatch.setattr(verify, "verify_engine", bad)
+    with pytest.raises(verify.VerificationError):
+        export_engine(ExportOptions(tiny_dirs["qwen"], old, force=True), report=lambda _: None)
+    assert (old / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ppllava.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_bad_inputs_are_one_line(tmp_path, tiny_dirs):
+    cases = [
+        (["export", tmp_path / "missing", "--out", tmp_path / "e"], "no config.json"),
+        (["export", tiny_dirs["qwen"], "--out", "/proc/nope/engine"], "does not exist"),
+        (["export", tiny_dirs["qwen"], "--out", tiny_dirs["vicuna"]], "--force"),
+        (["verify", tmp_path / "nothing", "--checkpoint", tiny_dirs["qwen"]], "does not exist"),
+    ]
+    for args, expected in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and expected in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "e").exists()
+
+
+def test_verify_command(engines, tiny_dirs):
+    r = run_cli("verify", engines["qwen"], "--checkpoint", tiny_dirs["qwen"])
+    assert r.returncode == 0, r.stderr
+    assert '"verified": true' in r.stdout and "identical for 3/3" in r.stdout
+    r = run_cli("verify", engines["qwen"], "--checkpoint", tiny_dirs["vicuna"])
+    assert r.returncode == 2 and "not the checkpoint" in r.stderr
+
+
+def test_stale_or_broken_engine_dirs(engines, tmp_path):
+    import shutil
+
+    broken = tmp_path / "b"
+    shutil.copytree(engines["qwen"], broken)
+    (broken / "pool.onnx").unlink()
+    with pytest.raises(EngineError, match="pool stage file .* is missing"):
+        Pipeline.open(broken)
+    manifest = json.loads((engines["qwen"] / "manifest.json").read_text())
+    for version, message in ((99, "upgrade ppllava"), (0, "re-export")):
+        stale = tmp_path / f"v{version}"
+        shutil.copytree(engines["qwen"], stale)
+        (stale / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+        with pytest.raises(EngineError, match=message):
+            Pipeline.open(stale)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(EngineError, match="no manifest.json"):
+        Pipeline.open(broken)
+
+
+def test_clip_tokenizer_from_open_clip(tmp_path):
+    from tokenizers import Tokenizer
+
+    from ppllava.export.tokenizers import build_clip_tokenizer, open_clip_vocabulary
+
+    bpe = open_clip_vocabulary()
+    if bpe is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+    tokenizer = Tokenizer.from_file(str(build_clip_tokenizer(bpe, tmp_path)))
+    assert tokenizer.encode("a photo of a cat").ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer.get_vocab_size() == 49408
+
+
+def test_runtime_modules_do_not_need_torch(engines):
+    code = (
+        "import sys; sys.modules['torch'] = None;"
+        "import numpy as np; from ppllava.runtime.pipeline import Pipeline;"
+        f"p = Pipeline.open({str(engines['qwen'])!r});"
+        "r = p.generate_ids(np.zeros((4, 3, 42, 42), np.float32), np.full((1, 9), 7), np.array([[5, 1000, 6]]), max_new_tokens=3);"
+        "print(len(r.token_ids))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in {"1", "2", "3"}
