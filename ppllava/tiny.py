@@ -127,8 +127,9 @@ def tiny_configs(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return copy.deepcopy(config), copy.deepcopy(alignment)
 
 
-def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int) -> dict:
-    """Seeded random weights with the shapes the config implies, in upstream key names."""
+def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int, skip: tuple[str, ...] = ()) -> dict:
+    """Seeded random weights with the shapes the config implies, in upstream key names (keys
+    starting with a ``skip`` prefix are left out, for weights that come from elsewhere)."""
     import torch
 
     from ppllava.alignment import AlignmentConfig, extend_position_table
@@ -152,7 +153,7 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
     }
     state = {}
     for name, param in sorted(model.state_dict(keep_vars=True).items()):
-        if tied and name == "language_model.lm_head.weight":
+        if (tied and name == "language_model.lm_head.weight") or name.startswith(skip):
             continue
         shape = tuple(param.shape)
         leaf = name.rsplit(".", 1)[-1]
@@ -221,8 +222,24 @@ def write_checkpoint(
     return out
 
 
-def make_tiny(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, **overrides) -> Path:
-    """A deterministic tiny checkpoint of ``variant`` at ``out_dir``; top-level config keys may be overridden."""
+def make_tiny(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, llm: str | None = None, **overrides) -> Path:
+    """A deterministic tiny checkpoint of ``variant`` at ``out_dir``; top-level config keys may be
+    overridden. ``llm="smollm2"`` puts the real SmolLM2-135M-Instruct in place of the random LLM."""
     config, alignment = tiny_configs(variant)
     config.update(overrides)
-    return write_checkpoint(out_dir, config, alignment, seed)
+    if llm is None:
+        return write_checkpoint(out_dir, config, alignment, seed)
+    if llm != "smollm2":
+        raise ValueError(f"llm must be None or 'smollm2', got {llm!r}")
+    from ppllava.smollm import smollm2_checkpoint_parts
+
+    text_config, llm_state, tokenizer = smollm2_checkpoint_parts()
+    config.update(text_config=text_config, image_token_index=text_config["vocab_size"] - 1, pad_token_id=0, max_T=32)
+    config.update(overrides)
+    state = random_state_dict(config, alignment, seed, skip=("language_model.",))
+    state.update({f"language_model.{k}": v for k, v in llm_state.items()})
+    out = write_checkpoint(out_dir, config, alignment, seed, state=state)
+    tokenizer.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": text_config["eos_token_id"],
+                                                            "bos_token_id": text_config["bos_token_id"]}) + "\n")
+    return out
