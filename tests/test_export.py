@@ -131,8 +131,14 @@ def run_cli(*args):
 
 
 def test_cli_bad_inputs_are_one_line(tmp_path, tiny_dirs):
+    from ppllava.tiny import make_tiny
+
+    broken = make_tiny(tmp_path / "broken", "qwen")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 12)
     cases = [
         (["export", tmp_path / "missing", "--out", tmp_path / "e"], "no config.json"),
+        (["export", broken, "--out", tmp_path / "e"], "safetensors"),
+        (["export", tiny_dirs["qwen"], "--out", "/proc/engine"], "/proc"),
         (["export", tiny_dirs["qwen"], "--out", "/proc/nope/engine"], "does not exist"),
         (["export", tiny_dirs["qwen"], "--out", tiny_dirs["vicuna"]], "--force"),
         (["verify", tmp_path / "nothing", "--checkpoint", tiny_dirs["qwen"]], "does not exist"),
@@ -141,6 +147,16 @@ def test_cli_bad_inputs_are_one_line(tmp_path, tiny_dirs):
         r = run_cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and expected in r.stderr, (args, r.stderr)
     assert not (tmp_path / "e").exists()
+
+
+def test_export_without_llm(tiny_dirs, tmp_path):
+    export_engine(ExportOptions(tiny_dirs["qwen"], tmp_path / "e", llm="none"), report=lambda _: None)
+    pipe = Pipeline.open(tmp_path / "e")
+    assert "llm" not in pipe.manifest.data["stages"] and (tmp_path / "e" / "llm_hf" / "config.json").is_file()
+    features = pipe.vision(np.zeros((2, 3, 42, 42), np.float32))
+    assert features.shape == (2, 36, 32)
+    with pytest.raises(EngineError, match="without an LLM"):
+        pipe.generate_ids(np.zeros((2, 3, 42, 42), np.float32), np.ones((1, 4), np.int64), np.array([[1000]]))
 
 
 def test_verify_command(engines, tiny_dirs):
