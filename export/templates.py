@@ -8,6 +8,7 @@ followed by ``assistant_end``.
 from __future__ import annotations
 
 from ppllava.errors import PPLLaVAError
+from ppllava.runtime.prompt import render  # noqa: F401  (re-exported: the runtime owns prompt rendering)
 
 TEMPLATES = {
     # upstream conv_plain_v1: roles ("USER: ", "ASSISTANT: "), sep (" ", "</s>"), mm_token "<image>\n"
@@ -30,13 +31,3 @@ def choose_template(requested: str, variant: str, chat_template: str | None) -> 
     if requested not in TEMPLATES:
         raise PPLLaVAError(f"--template must be auto or one of {', '.join(TEMPLATES)}, got {requested!r}")
     return {"name": requested, **TEMPLATES[requested]}
-
-
-def render(template: dict, turns: list[tuple[str, str | None]]) -> str:
-    """Prompt text for [(question, answer or None)], the image placeholder in the first turn."""
-    text = template["system"]
-    for i, (question, answer) in enumerate(turns):
-        text += template["user"] + (template["image"] if i == 0 else "") + question + template["user_end"] + template["assistant"]
-        if answer is not None:
-            text += answer + template["assistant_end"]
-    return text

@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_reference)
 
     from ppllava.export.cli import add_parsers as add_export_parsers
+    from ppllava.runtime.cli import add_parsers as add_runtime_parsers
 
     add_export_parsers(sub)
+    add_runtime_parsers(sub)
 
     p = sub.add_parser("demo", help="the embedded default: tiny checkpoint -> info -> reference answer")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)

@@ -14,6 +14,26 @@ import numpy as np
 Triple = tuple[int, int, int]
 
 
+def plan_for_budget(tokens: int, input_shape: Triple, time_per_side: float = 2.0) -> "WindowPlan":
+    """An output-shape plan with at most ``tokens`` visual tokens.
+
+    Among square spatial grids, keep those within 10% of the most tokens that fit, then take the one
+    whose time-steps : grid-side ratio is closest to ``time_per_side`` (2.0 is the released models'
+    16 x 8 x 8 at 32 frames), so budgets near the default reproduce the default shape.
+    """
+    import math
+
+    T, H, W = (int(v) for v in input_shape)
+    if tokens < 1:
+        raise ValueError(f"a token budget must be >= 1, got {tokens}")
+    candidates = [(min(T, tokens // (side * side)), side) for side in range(1, min(H, W) + 1)]
+    candidates = [(t, side) for t, side in candidates if t >= 1]
+    most = max(t * side * side for t, side in candidates)
+    close = [(t, side) for t, side in candidates if t * side * side >= 0.9 * most]
+    t, side = min(close, key=lambda c: (abs(math.log((c[0] / c[1]) / time_per_side)), -c[0] * c[1] ** 2))
+    return WindowPlan(output_shape=(t, side, side))
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     kernel: Triple | None = None

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ppllava.errors import InputError
-from ppllava.plan import WindowPlan
+from ppllava.plan import WindowPlan, plan_for_budget
 from ppllava.runtime.backends import OrtStage
+from ppllava.runtime.cache import FeatureCache, file_digest
 from ppllava.runtime.decoder import OrtDecoder
 from ppllava.runtime.manifest import EngineError, Manifest
 from ppllava.runtime.sampling import Sampling, TokenSampler
@@ -41,6 +42,27 @@ class GenerationResult:
     visual_tokens: int
 
 
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    timings: Timings
+    visual_tokens: int
+    frames: int
+    cached: bool
+    media_type: str
+
+    def as_dict(self) -> dict:
+        decode_ms = self.timings.ms.get("decode", 0.0)
+        steps = max(len(self.token_ids) - 1, 0)
+        return {
+            "answer": self.text, "token_ids": self.token_ids, "visual_tokens": self.visual_tokens,
+            "frames": self.frames, "media_type": self.media_type, "vision_cached": self.cached,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings.ms.items()},
+            "decode_tokens_per_s": round(steps / (decode_ms / 1e3), 2) if decode_ms and steps else None,
+        }
+
+
 class Pipeline:
     def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None):
         self.manifest = manifest
@@ -60,13 +82,27 @@ class Pipeline:
         self.pad_token_id = llm.get("pad_token_id")
         self.eos_token_ids = set(llm.get("eos_token_ids", []))
         self.context = int(manifest.dims["llm_context"])
+        self.cache = FeatureCache()
+        self._tokenizers = None
+        vision = manifest.stage("vision")
+        self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(vision.get("files", {}).values()))
 
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
-             threads: int | None = None) -> "Pipeline":
+             threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20) -> "Pipeline":
         if backend != "onnxruntime":
             raise EngineError(f"backend {backend!r} is not available in this build (available: onnxruntime)")
-        return cls(Manifest.load(engine_dir), providers, threads)
+        pipe = cls(Manifest.load(engine_dir), providers, threads)
+        pipe.cache = FeatureCache(cache_bytes, cache_dir)
+        return pipe
+
+    @property
+    def tokenizers(self):
+        if self._tokenizers is None:
+            from ppllava.runtime.prompt import Tokenizers
+
+            self._tokenizers = Tokenizers(self.manifest.root, self.manifest.data)
+        return self._tokenizers
 
     # ---------------------------------------------------------------- stages
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -106,6 +142,82 @@ class Pipeline:
         return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
 
     # ------------------------------------------------------------ end to end
+    def video_features(self, video, frames: int | None = None, start: float | None = None, end: float | None = None,
+                       max_side: int | None = None, timings: Timings | None = None):
+        """Decode, preprocess and run the vision stage, or take the features from the cache.
+        Returns (features, media_type, frame count, cached)."""
+        from pathlib import Path
+
+        from ppllava.runtime.preprocess import normalise
+        from ppllava.runtime.video import MAX_SIDE, load_clip
+
+        timings = timings or Timings()
+        spec = self.manifest.data["preprocessing"]
+        frames = frames or int(spec["default_frames"])
+        limit = int(self.manifest.dims["max_frames"])
+        if frames > limit:
+            raise InputError(f"--frames {frames} exceeds this engine's maximum of {limit} (export --max-frames)")
+        path = Path(video)
+        if not path.is_file():
+            raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        key = FeatureCache.key(file_digest(path), self.engine_id, frames=frames, start=start, end=end)
+        hit = self.cache.get(key)
+        if hit is not None:
+            features, media = hit
+            return features, media, features.shape[0], True
+        t0 = time.perf_counter()
+        clip = load_clip(path, frames, int(spec["size"]), start, end, max_side or MAX_SIDE)
+        timings.add("decode_sample", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pixels = normalise(clip.frames, spec)
+        timings.add("preprocess", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        features = self.vision(pixels)
+        timings.add("vision", time.perf_counter() - t0)
+        self.cache.put(key, features, clip.media_type)
+        return features, clip.media_type, features.shape[0], False
+
+    def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,
+            start: float | None = None, end: float | None = None, tokens: int | None = None,
+            max_new_tokens: int = 256, sampling: Sampling = Sampling(), max_side: int | None = None,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer ``question`` about ``video`` (a file path); ``history`` holds earlier (question,
+        answer) turns. ``on_text`` receives the answer as it streams."""
+        from ppllava.runtime.prompt import check_question
+
+        question = check_question(question)
+        self.tokenizers.require()
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        timings = Timings()
+        features, media, count, cached = self.video_features(video, frames, start, end, max_side, timings)
+        plan = None
+        if tokens is not None:
+            try:
+                plan = plan_for_budget(tokens, (count, *self.manifest.grid))
+            except ValueError as exc:
+                raise InputError(f"--tokens: {exc}") from None
+        turns = [*(history or []), (question, None)]
+        input_ids = self.tokenizers.prompt_ids(turns)
+        clip_ids, clip_mask = self.tokenizers.alignment_ids(question)
+        streamed: list[int] = []
+        printed = [""]
+
+        def emit(token: int) -> None:
+            streamed.append(token)
+            if on_text is not None:
+                text = self.tokenizers.decode(streamed)
+                if text.startswith(printed[0]):
+                    on_text(text[len(printed[0]):])
+                    printed[0] = text
+
+        result = self.generate_ids(None, clip_ids, input_ids, clip_mask, max_new_tokens, media, plan, sampling,
+                                   features=features, on_token=emit)
+        for stage, ms in result.timings.ms.items():
+            timings.ms[stage] = timings.ms.get(stage, 0.0) + ms
+        text = self.tokenizers.decode([t for t in result.token_ids if t not in self.eos_token_ids])
+        return Answer(text.strip(), result.token_ids, timings, result.visual_tokens, count, cached, media)
+
     def generate_ids(
         self,
         pixel_values,
@@ -127,7 +239,11 @@ class Pipeline:
         timings = Timings()
         t0 = time.perf_counter()
         if features is None:
-            features = self.vision(np.asarray(pixel_values, dtype=np.float32))
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
+            limit = int(self.manifest.dims["max_frames"])
+            if pixel_values.ndim != 4 or not 1 <= pixel_values.shape[0] <= limit:
+                raise InputError(f"pixel_values must be (T, 3, S, S) with 1 <= T <= {limit}, got {pixel_values.shape}")
+            features = self.vision(pixel_values)
             timings.add("vision", time.perf_counter() - t0)
         t0 = time.perf_counter()
         text = self.text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
