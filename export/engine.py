@@ -96,9 +96,9 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _files(root: Path, paths: list[Path]) -> dict[str, str]:
-    """relative path -> sha256, for the manifest's integrity check."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in paths if p.is_file()}
+def _files(root: Path, paths: list[Path]) -> dict[str, dict]:
+    """relative path -> size and sha256, for the runtime's integrity check."""
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths if p.is_file()}
 
 
 def _preprocessing(checkpoint: Path, model: PPLLaVA, default_frames: int) -> dict:

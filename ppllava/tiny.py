@@ -183,6 +183,48 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
     return state
 
 
+def tiny_tokenizer(vocab_size: int, specials: dict[int, str], eos: str | None = None):
+    """A byte-level tokenizer with a fixed layout for the tiny checkpoints: ``specials`` at their ids,
+    the 256 byte symbols from id 3, unused fillers elsewhere (no merges: one token per byte).
+    ``eos`` is appended to every encoding (the SigLIP convention)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab, next_byte = {}, iter(sorted(alphabet))
+    for i in range(vocab_size):
+        if i in specials:
+            vocab[specials[i]] = i
+        elif 3 <= i < 3 + len(alphabet):
+            vocab[next(next_byte)] = i
+        else:
+            vocab[f"<unused_{i}>"] = i
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials.get(0)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
+    if eos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=specials.get(0), eos_token=specials.get(2),
+                                   bos_token=specials.get(1), pad_token=specials.get(0))
+
+
+def write_tiny_tokenizers(out: Path, config: dict[str, Any], alignment: dict[str, Any]) -> None:
+    """LLM tokenizer (with the image token and, for chatml, its role tokens) and, for SigLIP, the
+    alignment tokenizer in the alignment model's directory. CLIP's real BPE needs no file here:
+    export rebuilds it from open_clip's vocabulary."""
+    vocab = int(config["text_config"]["vocab_size"])
+    specials = {0: "<unk>", 1: "<s>", 2: "</s>", int(config["image_token_index"]): "<image>"}
+    if config["model_type"] == "llava_onevision":
+        specials.update({vocab - 2: "<|im_start|>", vocab - 1: "<|im_end|>"})
+    tiny_tokenizer(vocab, specials).save_pretrained(str(out))
+    if alignment["model_type"] == "siglip":
+        align_vocab = int(alignment["text_config"].get("vocab_size", 32000))
+        tiny_tokenizer(align_vocab, {0: "<unk>", 1: "<pad>", 2: "</s>"}, eos="</s>").save_pretrained(
+            str(out / str(config["clip_weight"]))
+        )
+
+
 def write_checkpoint(
     out_dir: str | Path,
     config: dict[str, Any],
@@ -228,7 +270,9 @@ def make_tiny(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, llm: 
     config, alignment = tiny_configs(variant)
     config.update(overrides)
     if llm is None:
-        return write_checkpoint(out_dir, config, alignment, seed)
+        out = write_checkpoint(out_dir, config, alignment, seed)
+        write_tiny_tokenizers(out, config, alignment)
+        return out
     if llm != "smollm2":
         raise ValueError(f"llm must be None or 'smollm2', got {llm!r}")
     from ppllava.smollm import smollm2_checkpoint_parts

@@ -19,6 +19,7 @@ FORMAT = "ppllava-engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VERIFY = "verify.json"
+CHECKSUM_BYTES = 64 * 2**20  # larger files (LLM weights) are checked by size at load, by hash on request
 
 
 class EngineError(PPLLaVAError):
@@ -83,13 +84,19 @@ class Manifest:
         return self.root / (stage.get("file") or stage["dir"])
 
     def check_files(self, verify_checksums: bool = False) -> None:
-        """Every stage artifact exists (and, on request, matches the checksum recorded at export)."""
+        """Every stage artifact exists with the size recorded at export; files up to
+        ``CHECKSUM_BYTES`` (all of them with ``verify_checksums``) also match their sha256."""
         for name, stage in self.data.get("stages", {}).items():
-            for rel, digest in stage.get("files", {}).items():
+            for rel, recorded in stage.get("files", {}).items():
                 path = self.root / rel
                 if not path.is_file():
                     raise EngineError(f"{name} stage file {path} is missing; re-export or copy the whole engine dir")
-                if verify_checksums and sha256_file(path) != digest:
+                if path.stat().st_size != recorded["bytes"]:
+                    raise EngineError(
+                        f"{path} has {path.stat().st_size} bytes, the manifest recorded {recorded['bytes']}: "
+                        "the file was modified or truncated; re-export"
+                    )
+                if (verify_checksums or recorded["bytes"] <= CHECKSUM_BYTES) and sha256_file(path) != recorded["sha256"]:
                     raise EngineError(f"{path} does not match the checksum in {MANIFEST}: the file was modified or corrupted")
 
     # --------------------------------------------------------- typed accessors

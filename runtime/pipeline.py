@@ -85,7 +85,7 @@ class Pipeline:
         self.cache = FeatureCache()
         self._tokenizers = None
         vision = manifest.stage("vision")
-        self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(vision.get("files", {}).values()))
+        self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
 
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
@@ -146,10 +146,8 @@ class Pipeline:
                        max_side: int | None = None, timings: Timings | None = None):
         """Decode, preprocess and run the vision stage, or take the features from the cache.
         Returns (features, media_type, frame count, cached)."""
-        from pathlib import Path
-
         from ppllava.runtime.preprocess import normalise
-        from ppllava.runtime.video import MAX_SIDE, load_clip
+        from ppllava.runtime.video import MAX_SIDE, check_path, load_clip
 
         timings = timings or Timings()
         spec = self.manifest.data["preprocessing"]
@@ -157,9 +155,7 @@ class Pipeline:
         limit = int(self.manifest.dims["max_frames"])
         if frames > limit:
             raise InputError(f"--frames {frames} exceeds this engine's maximum of {limit} (export --max-frames)")
-        path = Path(video)
-        if not path.is_file():
-            raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        path = check_path(video)
         key = FeatureCache.key(file_digest(path), self.engine_id, frames=frames, start=start, end=end)
         hit = self.cache.get(key)
         if hit is not None:

@@ -49,9 +49,17 @@ def sample_indices(total: int, count: int, fps: float, start: float | None = Non
 
 
 def _resize(frame_bgr: np.ndarray, size: int, cv2) -> np.ndarray:
-    # Resize immediately (bicubic, no aspect ratio, as upstream) so memory stays T x S x S.
+    """BGR frame -> (size, size, 3) RGB, bicubic without keeping the aspect ratio, as upstream.
+
+    Resized immediately, so memory stays T x S x S. Pillow does the resampling: upstream's
+    preprocessing is transformers' image processor, which resizes with Pillow's antialiased bicubic;
+    OpenCV's bicubic has no antialiasing and differs by up to 83 uint8 levels on a 720p frame
+    (INTER_AREA: 19), while Pillow matches it exactly.
+    """
+    from PIL import Image
+
     rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
 
 
 def _check_size(width: int, height: int, path: Path, max_side: int) -> None:
@@ -72,14 +80,21 @@ def load_image(path: Path, size: int, max_side: int = MAX_SIDE) -> Clip:
     return Clip(_resize(image, size, cv2)[None], "image", [0], 0.0, 1, (width, height))
 
 
-def load_clip(path: str | Path, count: int, size: int, start: float | None = None, end: float | None = None,
-              max_side: int = MAX_SIDE) -> Clip:
-    """Decode ``count`` frames of a video (or one image) resized to ``size`` x ``size`` RGB."""
+def check_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if path.is_dir():
         raise InputError(f"{path} is a directory, not a video file")
+    if not path.is_file():
+        raise InputError(f"{path} is not a regular file")
+    return path
+
+
+def load_clip(path: str | Path, count: int, size: int, start: float | None = None, end: float | None = None,
+              max_side: int = MAX_SIDE) -> Clip:
+    """Decode ``count`` frames of a video (or one image) resized to ``size`` x ``size`` RGB."""
+    path = check_path(path)
     if count < 1:
         raise InputError(f"--frames must be >= 1, got {count}")
     if start is not None and start < 0 or end is not None and end <= 0 or (start is not None and end is not None and end <= start):
