@@ -187,14 +187,23 @@ class Pipeline:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         timings = Timings()
         features, media, count, cached = self.video_features(video, frames, start, end, max_side, timings)
-        plan = None
+        plan = self.manifest.plan(media)
         if tokens is not None:
             try:
                 plan = plan_for_budget(tokens, (count, *self.manifest.grid))
             except ValueError as exc:
                 raise InputError(f"--tokens: {exc}") from None
-        turns = [*(history or []), (question, None)]
-        input_ids = self.tokenizers.prompt_ids(turns)
+        try:
+            visual = int(np.prod(plan.output_grid((count, *self.manifest.grid)))) + (media == "image")
+        except ValueError as exc:
+            raise InputError(f"cannot pool {count} frame(s): {exc}") from None
+        input_ids = self.tokenizers.prompt_ids([*(history or []), (question, None)])
+        length = input_ids.shape[1] - 1 + visual
+        if length >= self.context:
+            raise InputError(
+                f"prompt of {length} tokens ({visual} visual) does not fit the LLM context of {self.context}; "
+                "ask a shorter question, drop chat history, or lower --tokens"
+            )
         clip_ids, clip_mask = self.tokenizers.alignment_ids(question)
         streamed: list[int] = []
         printed = [""]

@@ -30,6 +30,12 @@ class Clip:
 
 
 def _cv2():
+    import os
+
+    # FFmpeg inside OpenCV prints its own complaints ("moov atom not found") to stderr; our errors say
+    # it in one line instead. Read when OpenCV's FFmpeg backend starts, so set before the import.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
         import cv2
     except ImportError:
