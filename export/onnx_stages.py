@@ -88,6 +88,8 @@ def export_stage(model, stage: str, out_path: Path, ranges: dict[str, dict[str, 
         for arg in spec.inputs
     }
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    # The exporter logs at WARNING that torchvision's ops are not registered (we use none of them).
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
