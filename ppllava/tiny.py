@@ -127,7 +127,8 @@ def tiny_configs(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return copy.deepcopy(config), copy.deepcopy(alignment)
 
 
-def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int, skip: tuple[str, ...] = ()) -> dict:
+def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int, skip: tuple[str, ...] = (),
+                      dtype=None) -> dict:
     """Seeded random weights with the shapes the config implies, in upstream key names (keys
     starting with a ``skip`` prefix are left out, for weights that come from elsewhere)."""
     import torch
@@ -172,7 +173,7 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
             value = randn(*shape, std=1.0 / math.sqrt(fan_in))
         else:
             value = randn(*shape, std=0.5)
-        state[name] = value.contiguous()
+        state[name] = (value if dtype is None else value.to(dtype)).contiguous()
     # The extended position table: a random original-length table stretched as upstream does, then a
     # "trained" residual copy that differs from it (both are stored, both are read).
     width = int(alignment["text_config"]["hidden_size"])

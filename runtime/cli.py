@@ -124,6 +124,61 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ppllava.runtime import bench
+    from ppllava.runtime.pipeline import Pipeline
+
+    options = bench.BenchOptions(
+        video=args.video, synthetic_frames=args.synthetic_frames, frames=args.frames, questions=args.questions,
+        repeat=args.repeat, warmup=args.warmup, tokens=args.tokens, max_new_tokens=args.max_new_tokens,
+    )
+    if args.random_weights is None and args.engine_dir is None:
+        raise InputError("give an ENGINE_DIR or --random-weights PRESET")
+    if args.video is None and args.synthetic_frames is None:
+        options.synthetic_frames = 8 if args.random_weights == "small" else 32
+    options.validate()
+    checkpoint = args.checkpoint
+    engine_dir = args.engine_dir
+    if args.random_weights:
+        checkpoint, engine_dir = _random_engine(args.random_weights)
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
+    pipe.tokenizers.require()
+    results = [bench.bench_pipeline(pipe, options, say)]
+    if args.compare == "torch":
+        results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
+                                       args.torch_device, say))
+    visual = None
+    data = bench.report(engine_dir, options, results, visual)
+    print(bench.format_table(data))
+    if args.json:
+        bench.write_json(data, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(data, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _random_engine(preset: str):
+    """Random-weight engines are built by the export side (torch), lazily and only on request."""
+    from ppllava.export.bench_support import random_engine
+
+    return random_engine(preset, report=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _torch_baseline(checkpoint, pipe, options, device, say):
+    """The PyTorch eager baseline of --compare torch (imports torch, lazily and only on request)."""
+    from pathlib import Path as _Path
+
+    from ppllava.export.bench_torch import bench_torch
+
+    if not _Path(checkpoint).is_dir():
+        raise InputError(f"--compare torch needs the checkpoint ({checkpoint} does not exist); pass --checkpoint")
+    return bench_torch(checkpoint, pipe, options, device, say)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("ask", help="answer a question about a video from an engine dir (no torch)")
     _common(p)
@@ -136,3 +191,26 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("chat", help="several questions about one video; vision runs once")
     _common(p)
     p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("bench", help="per-stage latency (min/median/p95, cold, follow-up), optionally against torch")
+    p.add_argument("engine_dir", type=Path, nargs="?")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--video", type=Path)
+    source.add_argument("--synthetic-frames", type=int, help="a generated clip of T frames (no video decoding cost)")
+    p.add_argument("--frames", type=int, help="frames to sample from --video (default: the manifest's)")
+    p.add_argument("--questions", type=int, default=2, help="questions per video: 1 first + N-1 follow-ups (default 2)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--tokens", type=int, help="visual-token budget")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per question (end of text ignored)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
+    p.add_argument("--providers", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--compare", choices=("torch",), help="also run the PyTorch reference (eager) on the same inputs")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint for --compare torch (default: the manifest's source)")
+    p.add_argument("--torch-device", default="cpu", help="device for the torch baseline (cpu, cuda)")
+    p.add_argument("--random-weights", choices=("small", "vicuna-7b", "qwen2-7b"),
+                   help="build (or reuse) a random-weight engine at real shapes instead of ENGINE_DIR")
+    p.add_argument("--json", type=Path, help="write the full report as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG chart of stacked stage medians")
+    p.set_defaults(handler=cmd_bench)

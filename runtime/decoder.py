@@ -36,6 +36,9 @@ class OrtDecoder:
         self.head_dim = int(decoder["head_size"])
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # No busy-waiting between runs: spinning intra-op threads steal the cores that video decoding,
+        # the next stage (or a baseline measured in the same process) need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         path = llm_dir / decoder.get("filename", "model.onnx")

@@ -7,6 +7,7 @@ tokenization on top).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -145,9 +146,10 @@ class Pipeline:
     def video_features(self, video, frames: int | None = None, start: float | None = None, end: float | None = None,
                        max_side: int | None = None, timings: Timings | None = None):
         """Decode, preprocess and run the vision stage, or take the features from the cache.
-        Returns (features, media_type, frame count, cached)."""
+        ``video`` is a file path, or already-decoded RGB frames (T, H, W, 3) uint8 (used as they are:
+        no sampling). Returns (features, media_type, frame count, cached)."""
         from ppllava.runtime.preprocess import normalise
-        from ppllava.runtime.video import MAX_SIDE, check_path, load_clip
+        from ppllava.runtime.video import MAX_SIDE, check_path, load_clip, resize_frames
 
         timings = timings or Timings()
         spec = self.manifest.data["preprocessing"]
@@ -155,28 +157,37 @@ class Pipeline:
         limit = int(self.manifest.dims["max_frames"])
         if frames > limit:
             raise InputError(f"--frames {frames} exceeds this engine's maximum of {limit} (export --max-frames)")
-        path = check_path(video)
-        key = FeatureCache.key(file_digest(path), self.engine_id, frames=frames, start=start, end=end)
+        if isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or not 1 <= video.shape[0] <= limit:
+                raise InputError(f"frames must be (T, H, W, 3) uint8 RGB with 1 <= T <= {limit}, got {video.shape} {video.dtype}")
+            content = hashlib.blake2b(video.tobytes(), digest_size=20).hexdigest()
+        else:
+            content = file_digest(check_path(video))
+        key = FeatureCache.key(content, self.engine_id, frames=frames, start=start, end=end)
         hit = self.cache.get(key)
         if hit is not None:
             features, media = hit
             return features, media, features.shape[0], True
         t0 = time.perf_counter()
-        clip = load_clip(path, frames, int(spec["size"]), start, end, max_side or MAX_SIDE)
+        if isinstance(video, np.ndarray):
+            clip_frames, media_type = resize_frames(video, int(spec["size"])), "video"
+        else:
+            clip = load_clip(video, frames, int(spec["size"]), start, end, max_side or MAX_SIDE)
+            clip_frames, media_type = clip.frames, clip.media_type
         timings.add("decode_sample", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        pixels = normalise(clip.frames, spec)
+        pixels = normalise(clip_frames, spec)
         timings.add("preprocess", time.perf_counter() - t0)
         t0 = time.perf_counter()
         features = self.vision(pixels)
         timings.add("vision", time.perf_counter() - t0)
-        self.cache.put(key, features, clip.media_type)
-        return features, clip.media_type, features.shape[0], False
+        self.cache.put(key, features, media_type)
+        return features, media_type, features.shape[0], False
 
     def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,
             start: float | None = None, end: float | None = None, tokens: int | None = None,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(), max_side: int | None = None,
-            on_text: Callable[[str], None] | None = None) -> Answer:
+            on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Answer:
         """Answer ``question`` about ``video`` (a file path); ``history`` holds earlier (question,
         answer) turns. ``on_text`` receives the answer as it streams."""
         from ppllava.runtime.prompt import check_question
@@ -217,7 +228,7 @@ class Pipeline:
                     printed[0] = text
 
         result = self.generate_ids(None, clip_ids, input_ids, clip_mask, max_new_tokens, media, plan, sampling,
-                                   features=features, on_token=emit)
+                                   features=features, on_token=emit, ignore_eos=ignore_eos)
         for stage, ms in result.timings.ms.items():
             timings.ms[stage] = timings.ms.get(stage, 0.0) + ms
         text = self.tokenizers.decode([t for t in result.token_ids if t not in self.eos_token_ids])
@@ -235,6 +246,7 @@ class Pipeline:
         sampling: Sampling = Sampling(),
         features: np.ndarray | None = None,
         on_token: Callable[[int], None] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Pre-processed inputs -> new token ids (greedy unless ``sampling`` says otherwise)."""
         if self.decoder is None:
@@ -272,7 +284,7 @@ class Pipeline:
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in self.eos_token_ids or len(tokens) == max_new_tokens:
+            if (token in self.eos_token_ids and not ignore_eos) or len(tokens) == max_new_tokens:
                 break
             logits = self.decoder.forward(self.embed_tokens[token][None, None])
         timings.add("decode", time.perf_counter() - t0)

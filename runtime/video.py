@@ -76,6 +76,13 @@ def _check_size(width: int, height: int, path: Path, max_side: int) -> None:
         )
 
 
+def resize_frames(frames_rgb: np.ndarray, size: int) -> np.ndarray:
+    """Already-decoded RGB frames (T, H, W, 3) -> (T, size, size, 3), the same resampling as decoding."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames_rgb])
+
+
 def load_image(path: Path, size: int, max_side: int = MAX_SIDE) -> Clip:
     cv2 = _cv2()
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -1,0 +1,109 @@
+"""The baseline for ``ppllava bench --compare torch``: the PyTorch reference in plain eager execution
+(transformers modules, SDPA attention), fed exactly the inputs the runtime builds (same decoded
+frames, same preprocessing, same token ids), timed per stage like the runtime."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ppllava.model import PPLLaVA
+from ppllava.runtime.bench import QUESTIONS, BackendResult, BenchOptions, Run, peak_host_mib, synthetic_frames
+from ppllava.runtime.preprocess import normalise
+from ppllava.runtime.video import load_clip, resize_frames
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, stage: str, fn, *args, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+        return out
+
+
+@torch.inference_mode()
+def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, options: BenchOptions, media: str):
+    from transformers import DynamicCache
+
+    tok = pipe.tokenizers
+    input_ids = torch.from_numpy(tok.prompt_ids([(question, None)])).to(model.device)
+    clip_ids, clip_mask = tok.alignment_ids(question)
+    clip_ids = torch.from_numpy(clip_ids).to(model.device)
+    clip_mask = None if clip_mask is None else torch.from_numpy(clip_mask).to(model.device)
+    plan = pipe.manifest.plan(media)
+    if options.tokens is not None:
+        from ppllava.plan import plan_for_budget
+
+        plan = plan_for_budget(options.tokens, (features.shape[0], *pipe.manifest.grid))
+    text = clock("text", model.text_embedding, clip_ids, clip_mask)
+    visual = clock("pool", model.pool, features, text, plan)
+    if media == "image":
+        visual = torch.cat([visual, model.image_newline[None]], dim=0)
+    embeds = model.embed_prompt(input_ids, visual[None])
+    llm = model.language_model
+    cache = DynamicCache()
+    logits = clock("prefill", lambda: llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1])
+    tokens = [int(logits.argmax(-1))]
+
+    def decode():
+        nonlocal logits
+        for _ in range(options.max_new_tokens - 1):
+            step = torch.tensor([[tokens[-1]]], device=model.device)
+            logits = llm(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+            tokens.append(int(logits.argmax(-1)))
+
+    clock("decode", decode)
+    return tokens
+
+
+def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print) -> BackendResult:
+    """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups."""
+    device = torch.device(device)
+    model = PPLLaVA.from_pretrained(checkpoint, dtype=torch.float32 if device.type == "cpu" else torch.float16,
+                                    device=device)
+    spec = pipe.manifest.data["preprocessing"]
+    size = int(spec["size"])
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
+    result = BackendResult("torch")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for r in range(1 + options.warmup + options.repeat):
+        clock = _Clock(device)
+        t_start = time.perf_counter()
+        if options.video is not None:
+            frames = options.frames or int(spec["default_frames"])
+            clip = clock("decode_sample", load_clip, options.video, frames, size)
+            media, rgb = clip.media_type, clip.frames
+        else:
+            media = "video"
+            rgb = clock("decode_sample", resize_frames, synthetic_frames(options.synthetic_frames, seed=options.seed), size)
+        pixels = clock("preprocess", lambda: torch.from_numpy(normalise(rgb, spec)).to(device, model.dtype))
+        features = clock("vision", model.vision_features, pixels)
+        tokens = _answer(model, clock, features, questions[0], pipe, options, media)
+        first = Run(dict(clock.ms), (time.perf_counter() - t_start) * 1e3, len(tokens))
+        if r == 0:
+            result.cold = first
+            result.first_tokens = tokens
+        elif r > options.warmup:
+            result.first.append(first)
+        for question in questions[1:]:
+            clock = _Clock(device)
+            t0 = time.perf_counter()
+            tokens = _answer(model, clock, features, question, pipe, options, media)
+            if r > options.warmup:
+                result.follow_up.append(Run(dict(clock.ms), (time.perf_counter() - t0) * 1e3, len(tokens)))
+        log_line(f"torch repeat {r + 1}/{1 + options.warmup + options.repeat} done")
+    result.peak_host_mib = peak_host_mib()
+    if device.type == "cuda":
+        result.peak_device_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
