@@ -26,6 +26,7 @@ from ppllava.export import llm as llm_export
 from ppllava.export import tokenizers
 from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
+from ppllava.export.verify import VerificationError
 from ppllava.model import PPLLaVA
 from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
@@ -55,15 +56,33 @@ class ExportOptions:
             raise PPLLaVAError(f"--llm must be 'onnx' or 'none', got {self.llm!r}")
         if self.max_frames is not None and self.max_frames < 1:
             raise PPLLaVAError(f"--max-frames must be >= 1, got {self.max_frames}")
+        out, checkpoint = self.out.resolve(), self.checkpoint.resolve()
+        if out == checkpoint or out in checkpoint.parents:
+            raise PPLLaVAError(f"--out {self.out} is the checkpoint or contains it; choose another directory")
         if self.out.exists() and not self.force:
             raise PPLLaVAError(f"{self.out} already exists; pass --force to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise PPLLaVAError(f"{self.out} exists and is not a directory")
+        if self.out.exists() and any(self.out.iterdir()) and not _is_engine_dir(self.out):
+            raise PPLLaVAError(f"{self.out} is not an engine dir; --force only replaces engine dirs (or empty ones)")
+        if self.alignment_dir is not None and not self.alignment_dir.is_dir():
+            raise PPLLaVAError(f"--alignment-dir {self.alignment_dir} is not a directory")
+        from ppllava.export.templates import TEMPLATES
+
+        if self.template != "auto" and self.template not in TEMPLATES:
+            raise PPLLaVAError(f"--template must be auto or one of {', '.join(TEMPLATES)}, got {self.template!r}")
         parent = self.out.resolve().parent
         if not parent.is_dir():
             raise PPLLaVAError(f"cannot create {self.out}: {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise PPLLaVAError(f"cannot create {self.out}: {parent} is not writable")
+
+
+def _is_engine_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass
@@ -147,11 +166,20 @@ def export_engine(options: ExportOptions, report: Callable[[str], None] = log.in
     try:
         manifest = _build(options, steps, model, export_model, work, max_frames, default_frames, dtype)
         if options.verify:
-            from ppllava.export.verify import verify_engine
+            from ppllava.export.verify import verify_engine  # looked up at call time (tests patch it)
 
             steps.run("verify against the reference", verify_engine, work, model, options.dtype,
                       detail=lambda r: "all checks passed")
         _publish(work, out, options.force)
+    except VerificationError as exc:
+        # Keep what explains the failure, under a name and without a manifest, so it cannot pass
+        # for an engine dir.
+        failed = out.parent / f"{out.name}.failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        if (work / MANIFEST).exists():
+            (work / MANIFEST).rename(work / "manifest.failed.json")
+        work.rename(failed)
+        raise VerificationError(f"{exc}; the failed build (verify.json, ONNX files) is kept in {failed}") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -181,14 +209,18 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
     steps.run("extract LLM (Hugging Face dir)", llm_export.extract_hf_llm, model, work / "llm_hf", llm_tok.path,
               _source_dtype(options.checkpoint, dtype))
     steps.run("embedding table", llm_export.save_embeddings, model, work / "embeddings.safetensors", dtype)
+    text = model.language_model.config
     if options.llm == "onnx":
         steps.run("build ONNX LLM (onnxruntime-genai)", llm_export.build_onnx_llm, work / "llm_hf", work / "llm", dtype)
         llm_files = sorted((work / "llm").iterdir())
-        stages["llm"] = {"dir": "llm", "backend": "onnxruntime-genai-builder", "precision": options.dtype,
-                         "inputs": ["inputs_embeds", "attention_mask", "past_key_values.*"],
-                         "outputs": ["logits", "present.*"], "files": _files(work, llm_files)}
+        from ppllava.export.onnx_stages import describe_onnx
 
-    text = model.language_model.config
+        stages["llm"] = {"dir": "llm", "backend": "onnxruntime-genai-builder", "precision": options.dtype,
+                         **describe_onnx(work / "llm" / "model.onnx"),
+                         "dynamic": {"sequence": {"min": 1, "opt": min(1024, text.max_position_embeddings),
+                                                  "max": text.max_position_embeddings}},
+                         "files": _files(work, llm_files)}
+
     template = choose_template(options.template, cfg.variant, llm_tok.chat_template)
     manifest = {
         "format": FORMAT,
@@ -231,6 +263,7 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
             "hf_dir": "llm_hf",
         },
         "stages": stages,
+        "files": _files(work, [work / "embeddings.safetensors", *sorted((work / "tokenizers").rglob("*"))]),
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -82,7 +82,8 @@ def export_stage(model, stage: str, out_path: Path, ranges: dict[str, dict[str, 
     spec = STAGES[stage]
     module = spec.wrapper(model).eval()
     inputs = example_inputs(model, stage, frames, dtype)
-    dims = {name: torch.export.Dim(name, min=r["min"], max=r["max"]) for name, r in ranges.items()}
+    # torch.export needs max > min; a 1-frame engine still traces with room for 2 (the manifest keeps 1).
+    dims = {name: torch.export.Dim(name, min=r["min"], max=max(r["max"], r["min"] + 1)) for name, r in ranges.items()}
     dynamic = {
         arg: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[stage].get(arg, {}).items()} or None
         for arg in spec.inputs

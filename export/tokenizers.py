@@ -14,7 +14,6 @@ import gzip
 import importlib.util
 import json
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +102,12 @@ def llm_tokenizer(checkpoint: Path, out_dir: Path) -> TokenizerResult:
     if not _has_tokenizer(checkpoint):
         log.warning("no LLM tokenizer files in %s: the engine will accept token ids only", checkpoint)
         return TokenizerResult(None, "not found")
-    return save_hf_tokenizer(checkpoint, out_dir)
+    try:
+        return save_hf_tokenizer(checkpoint, out_dir)
+    except Exception as exc:  # transformers raises ImportError, ValueError, OSError, ... here
+        log.warning("cannot convert the LLM tokenizer in %s to tokenizer.json (%s: %s): the engine will accept "
+                    "token ids only", checkpoint, type(exc).__name__, exc)
+        return TokenizerResult(None, f"not convertible: {type(exc).__name__}")
 
 
 def alignment_tokenizer(kind: str, checkpoint: Path, clip_weight: str | None, alignment_dir: Path | None,
@@ -113,7 +117,12 @@ def alignment_tokenizer(kind: str, checkpoint: Path, clip_weight: str | None, al
         candidates.append(checkpoint / clip_weight)
     for directory in candidates:
         if directory is not None and _has_tokenizer(directory):
-            return save_hf_tokenizer(directory, out_dir)
+            try:
+                return save_hf_tokenizer(directory, out_dir)
+            except Exception as exc:  # transformers raises ImportError, ValueError, OSError, ... here
+                # e.g. a SigLIP directory with only spiece.model and no `sentencepiece` installed
+                log.warning("cannot convert the tokenizer in %s to tokenizer.json (%s: %s); install "
+                            "sentencepiece or provide a tokenizer.json", directory, type(exc).__name__, exc)
     if kind == "clip":
         bpe = open_clip_vocabulary()
         if bpe is not None:
@@ -125,11 +134,3 @@ def alignment_tokenizer(kind: str, checkpoint: Path, clip_weight: str | None, al
         log.warning("no SigLIP tokenizer (pass --alignment-dir pointing at the SigLIP model's directory): "
                     "the engine will accept alignment token ids only")
     return TokenizerResult(None, "not found")
-
-
-def copy_tokenizer_files(source: Path, dest: Path) -> None:
-    """Copy the tokenizer files an HF directory needs (for the extracted LLM directory)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, dest / name)

@@ -106,7 +106,7 @@ def verify_engine(engine_dir: Path, model, precision: str) -> dict:
     if failures:
         raise VerificationError(
             "exported engine disagrees with the reference: " + "; ".join(failures)
-            + f" (numbers in {engine_dir / VERIFY}; rerun with `ppllava verify`)"
+            + " (all numbers in verify.json; `ppllava verify` reruns the checks)"
         )
     return report
 

@@ -30,7 +30,10 @@ def plan_for_budget(tokens: int, input_shape: Triple, time_per_side: float = 2.0
     candidates = [(t, side) for t, side in candidates if t >= 1]
     most = max(t * side * side for t, side in candidates)
     close = [(t, side) for t, side in candidates if t * side * side >= 0.9 * most]
-    t, side = min(close, key=lambda c: (abs(math.log((c[0] / c[1]) / time_per_side)), -c[0] * c[1] ** 2))
+    if T == 1:  # one frame: no time axis to balance, keep the most tokens
+        t, side = max(candidates, key=lambda c: c[0] * c[1] ** 2)
+    else:
+        t, side = min(close, key=lambda c: (abs(math.log((c[0] / c[1]) / time_per_side)), -c[0] * c[1] ** 2))
     return WindowPlan(output_shape=(t, side, side))
 
 

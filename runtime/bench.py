@@ -24,7 +24,7 @@ from ppllava.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode_sample", "preprocess", "vision", "text", "pool", "prefill", "decode")
+STAGES = ("hash", "decode_sample", "preprocess", "vision", "text", "pool", "prefill", "decode")
 QUESTIONS = (
     "What happens in this video?",
     "What is the main object in the scene?",

@@ -35,6 +35,10 @@ def _open(args):
 
     if args.frames is not None and args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if not [p for p in args.providers.split(",") if p.strip()]:
+        raise InputError("--providers is empty (e.g. --providers cpu or --providers cuda,cpu)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     return Pipeline.open(args.engine_dir, backend=args.backend, providers=providers, threads=args.threads), sampling
@@ -50,6 +54,8 @@ def timing_line(answer) -> str:
 
 
 def cmd_ask(args) -> int:
+    if args.reference and args.temperature > 0:
+        raise InputError("--reference compares greedy answers; drop --temperature (or set it to 0)")
     pipe, sampling = _open(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     answer = pipe.ask(args.video, args.question, frames=args.frames, start=args.start, end=args.end,
@@ -71,7 +77,10 @@ def cmd_ask(args) -> int:
 
 def _compare_with_reference(args, pipe, answer) -> dict:
     """Run the PyTorch reference on the same decoded frames (the only place the runtime touches torch)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise InputError("--reference needs the PyTorch reference: pip install 'ppllava[export]'") from None
 
     from ppllava.model import PPLLaVA
     from ppllava.runtime.preprocess import normalise
@@ -108,15 +117,23 @@ def cmd_chat(args) -> int:
         if not question:
             break
         print("ppllava> ", end="", flush=True)
-        try:
-            answer = pipe.ask(args.video, question, history=history, frames=args.frames, start=args.start,
-                              end=args.end, tokens=args.tokens, max_new_tokens=args.max_new_tokens,
-                              sampling=sampling, max_side=args.max_side,
-                              on_text=lambda text: print(text, end="", flush=True))
-        except InputError as exc:
-            if not history:
-                raise
-            print(f"\n(error: {exc})", file=sys.stderr)
+        while True:
+            try:
+                answer = pipe.ask(args.video, question, history=history, frames=args.frames, start=args.start,
+                                  end=args.end, tokens=args.tokens, max_new_tokens=args.max_new_tokens,
+                                  sampling=sampling, max_side=args.max_side,
+                                  on_text=lambda text: print(text, end="", flush=True))
+                break
+            except InputError as exc:
+                if not history:
+                    raise
+                if "context" not in str(exc):
+                    print(f"(error: {exc})", file=sys.stderr)
+                    answer = None
+                    break
+                history.pop(0)  # the conversation outgrew the context: forget the oldest turn, try again
+                print(f"(dropped the oldest turn to fit the context; {len(history)} kept)", file=sys.stderr)
+        if answer is None:
             continue
         print()
         print(timing_line(answer), file=sys.stderr)

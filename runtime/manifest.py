@@ -19,7 +19,8 @@ FORMAT = "ppllava-engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VERIFY = "verify.json"
-CHECKSUM_BYTES = 64 * 2**20  # larger files (LLM weights) are checked by size at load, by hash on request
+CHECKSUM_BYTES = 64 * 2**20
+REQUIRED = ("source", "variant", "dims", "preprocessing", "pooling", "alignment", "llm", "stages")  # larger files (LLM weights) are checked by size at load, by hash on request
 
 
 class EngineError(PPLLaVAError):
@@ -67,6 +68,9 @@ class Manifest:
                 f"{path} has format version {version}; this ppllava reads version {FORMAT_VERSION}: "
                 + ("upgrade ppllava" if newer else "re-export the checkpoint with `ppllava export --force`")
             )
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise EngineError(f"{path} lacks {', '.join(missing)}: damaged or hand-edited; re-export")
         manifest = cls(root, data)
         if check_files:
             manifest.check_files()
@@ -86,8 +90,10 @@ class Manifest:
     def check_files(self, verify_checksums: bool = False) -> None:
         """Every stage artifact exists with the size recorded at export; files up to
         ``CHECKSUM_BYTES`` (all of them with ``verify_checksums``) also match their sha256."""
-        for name, stage in self.data.get("stages", {}).items():
-            for rel, recorded in stage.get("files", {}).items():
+        groups = {name: stage.get("files", {}) for name, stage in self.data.get("stages", {}).items()}
+        groups["shared"] = self.data.get("files", {})  # embeddings, tokenizers
+        for name, files in groups.items():
+            for rel, recorded in files.items():
                 path = self.root / rel
                 if not path.is_file():
                     raise EngineError(f"{name} stage file {path} is missing; re-export or copy the whole engine dir")

@@ -72,12 +72,13 @@ class Pipeline:
         self.decoder = None
         self.embed_tokens = self.image_newline = None
         if "llm" in manifest.data["stages"]:
-            from safetensors.numpy import load_file
+            from ppllava.runtime.tensors import map_safetensors
 
             self.decoder = OrtDecoder(manifest.stage_path("llm"), providers, threads)
-            extras = load_file(str(root / manifest.data["llm"]["embeddings"]))
+            # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
+            extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
             self.embed_tokens = extras["embed_tokens"]
-            self.image_newline = extras["image_newline"]
+            self.image_newline = np.asarray(extras["image_newline"])
         llm = manifest.data["llm"]
         self.image_token_id = int(llm["image_token_id"])
         self.pad_token_id = llm.get("pad_token_id")
@@ -85,6 +86,7 @@ class Pipeline:
         self.context = int(manifest.dims["llm_context"])
         self.cache = FeatureCache()
         self._tokenizers = None
+        self._digests: dict[tuple, str] = {}
         vision = manifest.stage("vision")
         self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
 
@@ -162,7 +164,7 @@ class Pipeline:
                 raise InputError(f"frames must be (T, H, W, 3) uint8 RGB with 1 <= T <= {limit}, got {video.shape} {video.dtype}")
             content = hashlib.blake2b(video.tobytes(), digest_size=20).hexdigest()
         else:
-            content = file_digest(check_path(video))
+            content = self._digest(check_path(video), timings)
         key = FeatureCache.key(content, self.engine_id, frames=frames, start=start, end=end)
         hit = self.cache.get(key)
         if hit is not None:
@@ -184,6 +186,18 @@ class Pipeline:
         self.cache.put(key, features, media_type)
         return features, media_type, features.shape[0], False
 
+    def _digest(self, path, timings: Timings) -> str:
+        """Content hash of a video file, remembered while the file is unchanged (same size, mtime, inode)."""
+        stat = path.stat()
+        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        digest = self._digests.get(identity)
+        if digest is None:
+            t0 = time.perf_counter()
+            digest = file_digest(path)
+            timings.add("hash", time.perf_counter() - t0)
+            self._digests[identity] = digest
+        return digest
+
     def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,
             start: float | None = None, end: float | None = None, tokens: int | None = None,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(), max_side: int | None = None,
@@ -200,6 +214,8 @@ class Pipeline:
         features, media, count, cached = self.video_features(video, frames, start, end, max_side, timings)
         plan = self.manifest.plan(media)
         if tokens is not None:
+            if media == "image":
+                tokens -= 1  # the image's newline token counts against the budget
             try:
                 plan = plan_for_budget(tokens, (count, *self.manifest.grid))
             except ValueError as exc:
@@ -221,9 +237,10 @@ class Pipeline:
 
         def emit(token: int) -> None:
             streamed.append(token)
-            if on_text is not None:
-                text = self.tokenizers.decode(streamed)
-                if text.startswith(printed[0]):
+            if on_text is not None and token not in self.eos_token_ids:
+                text = self.tokenizers.decode([t for t in streamed if t not in self.eos_token_ids])
+                # A multi-byte character arrives over several tokens: hold back until it is complete.
+                if not text.endswith("\ufffd") and text.startswith(printed[0]):
                     on_text(text[len(printed[0]):])
                     printed[0] = text
 
@@ -232,6 +249,8 @@ class Pipeline:
         for stage, ms in result.timings.ms.items():
             timings.ms[stage] = timings.ms.get(stage, 0.0) + ms
         text = self.tokenizers.decode([t for t in result.token_ids if t not in self.eos_token_ids])
+        if on_text is not None and text.startswith(printed[0]) and len(text) > len(printed[0]):
+            on_text(text[len(printed[0]):])  # whatever was held back at the end
         return Answer(text.strip(), result.token_ids, timings, result.visual_tokens, count, cached, media)
 
     def generate_ids(

@@ -28,6 +28,10 @@ def render(template: dict, turns: list[tuple[str, str | None]]) -> str:
 
 
 def check_question(question: str) -> str:
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the question is not valid UTF-8 text") from None
     question = question.strip()
     if not question:
         raise InputError("the question is empty")
@@ -38,15 +42,24 @@ def check_question(question: str) -> str:
     return question
 
 
+def _load(root: Path, rel: str | None):
+    if not rel:
+        return None
+    from tokenizers import Tokenizer
+
+    from ppllava.runtime.manifest import EngineError
+
+    try:
+        return Tokenizer.from_file(str(root / rel))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for unreadable files
+        raise EngineError(f"{root / rel} is not a readable tokenizer ({str(exc).splitlines()[0]}); re-export") from None
+
+
 class Tokenizers:
     def __init__(self, root: Path, manifest: dict):
-        from tokenizers import Tokenizer
-
         self.llm_spec, self.align_spec = manifest["llm"], manifest["alignment"]
-        self.llm = Tokenizer.from_file(str(root / self.llm_spec["tokenizer"])) if self.llm_spec.get("tokenizer") else None
-        self.alignment = (
-            Tokenizer.from_file(str(root / self.align_spec["tokenizer"])) if self.align_spec.get("tokenizer") else None
-        )
+        self.llm = _load(root, self.llm_spec.get("tokenizer"))
+        self.alignment = _load(root, self.align_spec.get("tokenizer"))
 
     def require(self) -> None:
         missing = [name for name, tok in (("LLM", self.llm), ("alignment", self.alignment)) if tok is None]
@@ -59,9 +72,16 @@ class Tokenizers:
     def prompt_ids(self, turns: list[tuple[str, str | None]]) -> np.ndarray:
         """(1, L) LLM ids of the rendered conversation with the image token in place of <image>."""
         text = render(self.llm_spec["template"], turns)
-        before, after = text.split(IMAGE_PLACEHOLDER, 1)
-        ids = (self.llm.encode(before, add_special_tokens=False).ids + [int(self.llm_spec["image_token_id"])]
-               + self.llm.encode(after, add_special_tokens=False).ids)
+        image = int(self.llm_spec["image_token_id"])
+        if self.llm.token_to_id(IMAGE_PLACEHOLDER) == image:
+            # As upstream's processor: the whole prompt in one call, special tokens (e.g. BOS) included,
+            # so the tokenizer sees the same text boundaries.
+            ids = self.llm.encode(text).ids
+        else:  # a tokenizer without the <image> token: splice its id between the two halves
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            ids = self.llm.encode(before).ids + [image] + self.llm.encode(after, add_special_tokens=False).ids
+        if ids.count(image) != 1:
+            raise InputError(f"the prompt must hold exactly one image token ({image}); the tokenizer produced {ids.count(image)}")
         return np.asarray([ids], dtype=np.int64)
 
     def alignment_ids(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -17,8 +17,10 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

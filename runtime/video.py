@@ -110,9 +110,17 @@ def load_clip(path: str | Path, count: int, size: int, start: float | None = Non
     path = check_path(path)
     if count < 1:
         raise InputError(f"--frames must be >= 1, got {count}")
+    import math
+
+    if any(v is not None and not math.isfinite(v) for v in (start, end)):
+        raise InputError(f"--start/--end must be finite numbers of seconds, got [{start}, {end}]")
     if start is not None and start < 0 or end is not None and end <= 0 or (start is not None and end is not None and end <= start):
         raise InputError(f"invalid time window [{start}, {end}] s (need 0 <= start < end)")
+    if max_side < 1:
+        raise InputError(f"--max-side must be >= 1, got {max_side}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
+        if start is not None or end is not None:
+            raise InputError(f"{path.name} is an image: --start/--end apply to videos only")
         return load_image(path, size, max_side)
     cv2 = _cv2()
     capture = cv2.VideoCapture(str(path))
@@ -128,16 +136,20 @@ def load_clip(path: str | Path, count: int, size: int, start: float | None = Non
             log.warning("%s reports no frame rate; assuming 25 fps for --start/--end", path.name)
             fps = 25.0
         clip = None
-        if total > 0:
+        if total > 0 and not _count_too_low(capture, cv2, total):
+            capture.release()
+            capture = cv2.VideoCapture(str(path))
             clip = _read_seeking(capture, cv2, total, count, fps, start, end, size)
         if clip is None:
             # The container's frame count is missing or wrong (or seeking failed): count by decoding
             # (keeping nothing), then read the samples in one sequential pass.
             capture.release()
             capture = cv2.VideoCapture(str(path))
-            total = _count_frames(capture)
+            claimed, total = total, _count_frames(capture)
             if total == 0:
                 raise InputError(f"{path} has no decodable frames (empty, truncated or not a video)")
+            if claimed and claimed != total:
+                log.warning("%s claims %d frames but %d decode; sampling from the decodable ones", path.name, claimed, total)
             capture.release()
             capture = cv2.VideoCapture(str(path))
             clip = _read_sequential(capture, cv2, total, count, fps, start, end, size)
@@ -170,11 +182,26 @@ def _read_seeking(capture, cv2, total, count, fps, start, end, size):
     return np.stack(frames), indices
 
 
+MAX_BROKEN_RUN = 16  # this many failed grabs in a row end the stream; fewer are broken frames
+
+
+def _count_too_low(capture, cv2, total: int) -> bool:
+    """True when a frame exists past the container's claimed count (a lying header)."""
+    capture.set(cv2.CAP_PROP_POS_FRAMES, total)
+    return bool(capture.grab())
+
+
 def _count_frames(capture) -> int:
-    n = 0
-    while capture.grab():
-        n += 1
-    return n
+    """Frames up to the last decodable one; isolated broken frames do not end the count."""
+    position = last_good = -1
+    failures = 0
+    while failures < MAX_BROKEN_RUN:
+        position += 1
+        if capture.grab():
+            last_good, failures = position, 0
+        else:
+            failures += 1
+    return last_good + 1
 
 
 def _read_sequential(capture, cv2, total, count, fps, start, end, size):
@@ -183,19 +210,21 @@ def _read_sequential(capture, cv2, total, count, fps, start, end, size):
     for i, index in enumerate(indices):
         wanted.setdefault(index, []).append(i)
     frames: list = [None] * count
-    position, last = 0, None
-    while position <= indices[-1]:
+    position, last, failures = 0, None, 0
+    while position <= indices[-1] and failures < MAX_BROKEN_RUN:
         ok = capture.grab()
-        if not ok:
-            break
+        failures = 0 if ok else failures + 1
         if position in wanted:
-            ok, frame = capture.retrieve()
-            if ok and frame is not None:
-                last = _resize(frame, size, cv2)
+            if ok:
+                ok, frame = capture.retrieve()
+                if ok and frame is not None:
+                    last = _resize(frame, size, cv2)
             for i in wanted[position]:
-                frames[i] = last  # a broken frame repeats the previous good one
+                frames[i] = last  # a broken frame repeats the previous good one (None: filled below)
         position += 1
     if last is None:
         raise InputError("no sampled frame could be decoded")
-    frames = [f if f is not None else last for f in frames]
+    # samples before the first good frame take the first good one
+    first_good = next(f for f in frames if f is not None) if any(f is not None for f in frames) else last
+    frames = [f if f is not None else first_good for f in frames]
     return np.stack(frames), indices

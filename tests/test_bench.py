@@ -65,7 +65,9 @@ def test_same_timing_path_as_ask_json(engine, tmp_path):
     pipe = Pipeline.open(engine)
     result = bench.bench_pipeline(pipe, bench.BenchOptions(video=frames_video, questions=1, repeat=1, warmup=0,
                                                            max_new_tokens=3), log_line=lambda _: None)
-    assert set(result.first[0].stages) == ask_stages
+    # the file's content hash is remembered per process, so only the very first question pays it
+    assert "hash" in ask_stages and "hash" in result.cold.stages
+    assert set(result.first[0].stages) == ask_stages - {"hash"}
 
 
 def test_cli_compare_torch_json_and_plot(engine, tiny_dirs, tmp_path):
@@ -83,7 +85,7 @@ def test_cli_compare_torch_json_and_plot(engine, tiny_dirs, tmp_path):
     for name in ("onnxruntime", "torch"):
         block = data["backends"][name]
         assert block["cold"]["end_to_end_ms"] > 0 and block["peak_host_mib"] > 0
-        assert set(block["first_question"]["stages_ms"]) == set(bench.STAGES)
+        assert set(block["first_question"]["stages_ms"]) == set(bench.STAGES) - {"hash"}
         assert block["first_question"]["stages_ms"]["vision"]["n"] == 2
     assert {"vision", "prefill", "decode", "time_to_first_token", "end_to_end"} <= set(data["ratios"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -123,11 +123,28 @@ def test_failed_forced_export_keeps_the_old_engine(engines, tiny_dirs, tmp_path,
     with pytest.raises(verify.VerificationError):
         export_engine(ExportOptions(tiny_dirs["qwen"], old, force=True), report=lambda _: None)
     assert (old / "manifest.json").read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "old.failed"]  # kept to explain the failure
+    assert not (tmp_path / "old.failed" / "manifest.json").exists()
 
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "ppllava.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_force_never_replaces_the_checkpoint_or_other_dirs(tiny_dirs, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_dirs["qwen"], ckpt)
+    for out in (ckpt, tmp_path):
+        with pytest.raises(PPLLaVAError, match="is the checkpoint or contains it"):
+            export_engine(ExportOptions(ckpt, out, force=True))
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_text("x")
+    with pytest.raises(PPLLaVAError, match="not an engine dir"):
+        export_engine(ExportOptions(ckpt, other, force=True))
+    assert (ckpt / "config.json").is_file() and (other / "a.jpg").is_file()
 
 
 def test_cli_bad_inputs_are_one_line(tmp_path, tiny_dirs):

@@ -78,6 +78,50 @@ def test_ask_equals_reference(tiny_engines, tiny_models, written_video, variant,
     assert answer.token_ids == reference_answer(tiny_models[variant], pipe, video, QUESTION, answer.frames, 12)
 
 
+def test_streamed_text_equals_the_answer(tiny_engines, written_video):
+    # Bug class: streaming that stops or garbles at a multi-byte character split across tokens
+    # (the tiny tokenizer is byte-level, so random answers are full of partial UTF-8 sequences).
+    pipe = Pipeline.open(tiny_engines["qwen"])
+    for question in ("What is this?", "Describe it.", "Colors?"):
+        pieces = []
+        answer = pipe.ask(written_video, question, max_new_tokens=24, on_text=pieces.append)
+        assert "".join(pieces) == answer.text.rstrip() or "".join(pieces).strip() == answer.text
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_prompt_ids_match_the_checkpoint_tokenizer(tiny_engines, tiny_dirs, variant):
+    # Upstream tokenizes the whole rendered prompt with the checkpoint's tokenizer (special tokens on).
+    from transformers import AutoTokenizer
+
+    from ppllava.runtime.prompt import render
+
+    pipe = Pipeline.open(tiny_engines[variant])
+    turns = [("What is it?", "A cat."), ("And now?", None)]
+    text = render(pipe.manifest.data["llm"]["template"], turns)
+    want = AutoTokenizer.from_pretrained(str(tiny_dirs[variant]))(text).input_ids
+    assert pipe.tokenizers.prompt_ids(turns)[0].tolist() == want
+
+
+def test_lying_frame_count(tmp_path):
+    import struct
+
+    path = tmp_path / "lie.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(40):
+        writer.write(np.full((48, 64, 3), i * 6, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    for tag, offset in ((b"avih", 16), (b"strh", 32)):  # claim 5 frames in both headers
+        at = data.find(tag) + 8 + offset
+        data[at : at + 4] = struct.pack("<I", 5)
+    path.write_bytes(bytes(data))
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT) == 5
+    clip = load_clip(path, 8, 16)
+    assert clip.total_frames == 40 and clip.indices == sample_indices(40, 8, 10.0)
+    # the sampled frames are the right ones (frame i has brightness 6 i)
+    assert [int(round(f.mean() / 6)) for f in clip.frames] == clip.indices
+
+
 def test_image_input(tiny_engines, tiny_models, tmp_path):
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
