@@ -74,7 +74,7 @@ class Pipeline:
         if "llm" in manifest.data["stages"]:
             from ppllava.runtime.tensors import map_safetensors
 
-            self.decoder = OrtDecoder(manifest.stage_path("llm"), providers, threads)
+            self.decoder = OrtDecoder(manifest.stage_path("llm"), providers, threads, kv_in_place=True)
             # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
             extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
             self.embed_tokens = extras["embed_tokens"]
@@ -294,7 +294,7 @@ class Pipeline:
         sampler = TokenSampler(sampling)
         tokens: list[int] = []
         t0 = time.perf_counter()
-        self.decoder.reset()
+        self.decoder.reset(capacity=embeds.shape[1] + max_new_tokens)
         logits = self.decoder.forward(embeds)
         timings.add("prefill", time.perf_counter() - t0)
         t0 = time.perf_counter()

@@ -228,3 +228,25 @@ def test_runtime_modules_do_not_need_torch(engines):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() in {"1", "2", "3"}
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_kv_cache_in_place_equals_growing_cache(engines, variant):
+    # Bug class: a shared past/present buffer that reads stale rows or the wrong length.
+    from ppllava.runtime.decoder import OrtDecoder
+    from ppllava.runtime.tensors import map_safetensors
+
+    root = engines[variant]
+    table = map_safetensors(root / "embeddings.safetensors")["embed_tokens"]
+    prompt = np.asarray(table[np.arange(3, 40)])[None].astype(np.float32)
+    runs = []
+    for in_place in (False, True):
+        decoder = OrtDecoder(root / "llm", kv_in_place=in_place)
+        assert decoder.kv_in_place == in_place
+        decoder.reset(capacity=prompt.shape[1] + 12)
+        logits = [decoder.forward(prompt)]
+        for _ in range(11):
+            logits.append(decoder.forward(np.asarray(table[int(logits[-1].argmax())])[None, None]))
+        runs.append(np.stack(logits))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=0)
+    assert (runs[0].argmax(-1) == runs[1].argmax(-1)).all()
