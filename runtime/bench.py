@@ -206,7 +206,8 @@ def format_table(data: dict) -> str:
         lines.append(f"{label:<22}" + "".join(cells) + (f"{ratio:>8.2f}x" if ratio else ""))
 
     for stage in STAGES:
-        row(stage, lambda b, s=stage: b["first_question"]["stages_ms"].get(s), stage)
+        if any(b["first_question"] and stage in b["first_question"]["stages_ms"] for b in data["backends"].values()):
+            row(stage, lambda b, s=stage: b["first_question"]["stages_ms"].get(s), stage)
     row("time to first token", lambda b: b["first_question"]["time_to_first_token_ms"], "time_to_first_token")
     row("decode ms/token", lambda b: b["first_question"]["decode_ms_per_token"], "decode_ms_per_token")
     row("end to end", lambda b: b["first_question"]["end_to_end_ms"], "end_to_end")
