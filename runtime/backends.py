@@ -34,34 +34,40 @@ class StageRunner(Protocol):
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
+def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+    """An onnxruntime session with the requested providers (each must exist here), quiet logging,
+    and no busy-waiting between runs."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed: pip install 'ppllava[runtime]'") from None
+    available = set(ort.get_available_providers())
+    chosen = []
+    for name in providers:
+        provider = PROVIDERS.get(name, name)
+        if provider not in available:
+            raise BackendError(
+                f"onnxruntime provider {provider} is not available here (available: {', '.join(sorted(available))})"
+            )
+        chosen.append(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Spinning intra-op threads would steal the cores that video decoding, the next stage (or a
+    # baseline measured in the same process) need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+
+
 class OrtStage:
     """One ONNX stage in an onnxruntime InferenceSession."""
 
     def __init__(self, path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendError("onnxruntime is not installed: pip install 'ppllava[runtime]'") from None
-        available = set(ort.get_available_providers())
-        chosen = []
-        for name in providers:
-            provider = PROVIDERS.get(name, name)
-            if provider not in available:
-                raise BackendError(
-                    f"onnxruntime provider {provider} is not available here (available: {', '.join(sorted(available))})"
-                )
-            chosen.append(provider)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # No busy-waiting between runs: spinning intra-op threads steal the cores that video decoding,
-        # the next stage (or a baseline measured in the same process) need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+        self.session = make_session(path, providers, threads)
         self.path = path
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())

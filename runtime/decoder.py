@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import PROVIDERS, BackendError, first_line
+from ppllava.runtime.backends import BackendError, first_line, make_session
 
 log = logging.getLogger(__name__)
 
@@ -25,29 +25,15 @@ class OrtDecoder:
     def __init__(self, llm_dir: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
                  kv_in_place: bool = False):
         try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendError("onnxruntime is not installed: pip install 'ppllava[runtime]'") from None
-        try:
-            decoder = json.loads((llm_dir / "genai_config.json").read_text())["model"]["decoder"]
+            config = json.loads((llm_dir / "genai_config.json").read_text())["model"]
+            decoder = config["decoder"]
         except (OSError, KeyError, json.JSONDecodeError) as exc:
             raise BackendError(f"{llm_dir} has no usable genai_config.json: {exc}") from None
         self.layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
         self.head_dim = int(decoder["head_size"])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # No busy-waiting between runs: spinning intra-op threads steal the cores that video decoding,
-        # the next stage (or a baseline measured in the same process) need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        path = llm_dir / decoder.get("filename", "model.onnx")
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=[PROVIDERS.get(p, p) for p in providers])
-        except Exception as exc:  # onnxruntime's own exception types
-            raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+        self.context = int(config["context_length"])
+        self.session = make_session(llm_dir / decoder.get("filename", "model.onnx"), providers, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
@@ -60,8 +46,6 @@ class OrtDecoder:
         # past and present (the builder's GroupQueryAttention graph supports this), so no cache is
         # copied between steps. Only for the GQA graph (no position_ids input).
         self.kv_in_place = kv_in_place and not self.takes_positions
-        self.context = int(json.loads((llm_dir / "genai_config.json").read_text())["model"]["context_length"])
-        self._ort = ort
 
     def reset(self, capacity: int | None = None) -> None:
         """Start a new sequence; ``capacity`` (prompt + new tokens) sizes the in-place cache."""
@@ -70,7 +54,9 @@ class OrtDecoder:
             want = min(self.context, -(-(capacity or self.context) // 256) * 256)  # round up to 256
             if not isinstance(self.past, dict) or "binding" not in self.past or self.past["capacity"] < want:
                 shape = (1, self.kv_heads, want, self.head_dim)
-                buffers = {f"{i}.{kv}": self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
+                import onnxruntime
+
+                buffers = {f"{i}.{kv}": onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
                            for i in range(self.layers) for kv in ("key", "value")}
                 binding = self.session.io_binding()
                 for name, value in buffers.items():
