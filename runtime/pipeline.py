@@ -145,6 +145,34 @@ class Pipeline:
         return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
 
     # ------------------------------------------------------------ end to end
+    def ask_stream(self, video, question: str, **options):
+        """Like ``ask``, as a generator: yields text pieces as they are decoded, then the ``Answer``.
+
+        The work runs on a helper thread; errors are re-raised here, in the caller's thread.
+        """
+        import queue
+        import threading
+
+        items: queue.Queue = queue.Queue()
+        done = object()
+
+        def work():
+            try:
+                items.put(self.ask(video, question, on_text=items.put, **options))
+            except BaseException as exc:  # handed to the consumer, raised there
+                items.put(exc)
+            finally:
+                items.put(done)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                thread.join()
+                raise item
+            yield item
+        thread.join()
+
     def video_features(self, video, frames: int | None = None, start: float | None = None, end: float | None = None,
                        max_side: int | None = None, timings: Timings | None = None):
         """Decode, preprocess and run the vision stage, or take the features from the cache.

@@ -122,6 +122,19 @@ def test_lying_frame_count(tmp_path):
     assert [int(round(f.mean() / 6)) for f in clip.frames] == clip.indices
 
 
+def test_ask_stream(tiny_engines, written_video):
+    from ppllava.errors import InputError
+    from ppllava.runtime.pipeline import Answer
+
+    pipe = Pipeline.open(tiny_engines["vicuna"])
+    items = list(pipe.ask_stream(written_video, QUESTION, max_new_tokens=6))
+    answer = items[-1]
+    assert isinstance(answer, Answer) and all(isinstance(i, str) for i in items[:-1])
+    assert answer.token_ids == pipe.ask(written_video, QUESTION, max_new_tokens=6).token_ids
+    with pytest.raises(InputError, match="empty"):
+        list(pipe.ask_stream(written_video, "  "))
+
+
 def test_image_input(tiny_engines, tiny_models, tmp_path):
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
