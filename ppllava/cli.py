@@ -191,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ppllava.export.cli import add_parsers as add_export_parsers
     from ppllava.runtime.cli import add_parsers as add_runtime_parsers
 
+    from ppllava.calibration.cli import add_parsers as add_calibration_parsers
+
     add_export_parsers(sub)
     add_runtime_parsers(sub)
+    add_calibration_parsers(sub)
 
     p = sub.add_parser("demo", help="the embedded default: SmolLM2 demo checkpoint -> export -> ask about a real video")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)

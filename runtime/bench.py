@@ -136,7 +136,7 @@ def synthetic_frames(count: int, size: int = 448, seed: int = 0) -> np.ndarray:
     return np.stack(frames)
 
 
-def bench_pipeline(pipe, options: BenchOptions, log_line=log.info) -> BackendResult:
+def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "onnxruntime") -> BackendResult:
     """Measure the onnxruntime pipeline (the product's path: ``Pipeline.ask``)."""
     from ppllava.runtime.cache import FeatureCache
 
@@ -144,7 +144,7 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info) -> BackendRes
     video = options.video if options.video is not None else synthetic_frames(options.synthetic_frames, seed=options.seed)
     frames = options.frames if options.video is not None else None
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
-    result = BackendResult("onnxruntime")
+    result = BackendResult(name)
     for r in range(1 + options.warmup + options.repeat):
         pipe.cache = FeatureCache()  # every repeat starts cold for the video
         for q, question in enumerate(questions):
@@ -157,7 +157,7 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info) -> BackendRes
                 result.first_tokens = list(answer.token_ids)
             elif r > options.warmup:
                 (result.first if q == 0 else result.follow_up).append(run)
-        log_line(f"onnxruntime repeat {r + 1}/{1 + options.warmup + options.repeat} done")
+        log_line(f"{name} repeat {r + 1}/{1 + options.warmup + options.repeat} done")
     result.peak_host_mib = peak_host_mib()
     return result
 

@@ -27,6 +27,7 @@ def _common(p) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
+    p.add_argument("--precision", help="run the quantized stage variants (int8, fp8) made by `ppllava quantize`")
 
 
 def _open(args):
@@ -41,7 +42,9 @@ def _open(args):
         raise InputError("--providers is empty (e.g. --providers cpu or --providers cuda,cpu)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    return Pipeline.open(args.engine_dir, backend=args.backend, providers=providers, threads=args.threads), sampling
+    pipe = Pipeline.open(args.engine_dir, backend=args.backend, providers=providers, threads=args.threads,
+                         precision=args.precision)
+    return pipe, sampling
 
 
 def timing_line(answer) -> str:
@@ -163,6 +166,10 @@ def cmd_bench(args) -> int:
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
     results = [bench.bench_pipeline(pipe, options, say)]
+    if args.compare in ("int8", "fp8"):
+        quantized = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
+                                  precision=args.compare)
+        results.append(bench.bench_pipeline(quantized, options, say, name=f"onnxruntime-{args.compare}"))
     if args.compare == "torch":
         results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
                                        args.torch_device, say))
@@ -223,7 +230,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
     p.add_argument("--providers", default="cpu")
     p.add_argument("--threads", type=int)
-    p.add_argument("--compare", choices=("torch",), help="also run the PyTorch reference (eager) on the same inputs")
+    p.add_argument("--compare", choices=("torch", "int8", "fp8"),
+                   help="also run the PyTorch reference (eager), or the quantized stages, on the same inputs")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --compare torch (default: the manifest's source)")
     p.add_argument("--torch-device", default="cpu", help="device for the torch baseline (cpu, cuda)")
     p.add_argument("--random-weights", choices=("small", "vicuna-7b", "qwen2-7b"),

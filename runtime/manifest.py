@@ -83,14 +83,25 @@ class Manifest:
         except KeyError:
             raise EngineError(f"{self.root / MANIFEST} has no '{name}' stage") from None
 
-    def stage_path(self, name: str) -> Path:
+    def stage_path(self, name: str, precision: str | None = None) -> Path:
+        """The stage's artifact; ``precision`` picks a quantized variant recorded by ``ppllava quantize``."""
         stage = self.stage(name)
+        if precision and precision != stage.get("precision"):
+            variant = stage.get("variants", {}).get(precision)
+            if variant is None:
+                have = sorted({stage.get("precision", "?"), *stage.get("variants", {})})
+                raise EngineError(f"the {name} stage has no {precision} variant (available: {', '.join(have)}); "
+                                  f"create it with `ppllava quantize --stages {name} --precision {precision}`")
+            return self.root / variant["file"]
         return self.root / (stage.get("file") or stage["dir"])
 
     def check_files(self, verify_checksums: bool = False) -> None:
         """Every stage artifact exists with the size recorded at export; files up to
         ``CHECKSUM_BYTES`` (all of them with ``verify_checksums``) also match their sha256."""
         groups = {name: stage.get("files", {}) for name, stage in self.data.get("stages", {}).items()}
+        for name, stage in self.data.get("stages", {}).items():
+            for precision, variant in stage.get("variants", {}).items():
+                groups[f"{name} ({precision})"] = variant.get("files", {})
         groups["shared"] = self.data.get("files", {})  # embeddings, tokenizers
         for name, files in groups.items():
             for rel, recorded in files.items():

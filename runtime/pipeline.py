@@ -65,10 +65,20 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None):
+    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None, precision: str | None = None):
         self.manifest = manifest
         root = manifest.root
-        self.stages = {name: OrtStage(manifest.stage_path(name), providers, threads) for name in ("vision", "text", "pool")}
+        self.precision = precision
+        names = ("vision", "text", "pool")
+        quantized = {n for n in names if precision in manifest.stage(n).get("variants", {})}
+        if precision and not quantized and all(manifest.stage(n).get("precision") != precision for n in names):
+            raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
+        self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
+                       for n in names}
+        below = [n for n in quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
+        if below:
+            log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
+                        precision, ", ".join(below))
         self.decoder = None
         self.embed_tokens = self.image_newline = None
         if "llm" in manifest.data["stages"]:
@@ -89,13 +99,17 @@ class Pipeline:
         self._digests: dict[tuple, str] = {}
         vision = manifest.stage("vision")
         self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
+        if self.stages["vision"].path != manifest.stage_path("vision"):
+            self.engine_id += ":" + self.stages["vision"].path.name  # quantized features cache separately
 
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
-             threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20) -> "Pipeline":
+             threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
+             precision: str | None = None) -> "Pipeline":
+        """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
         if backend != "onnxruntime":
             raise EngineError(f"backend {backend!r} is not available in this build (available: onnxruntime)")
-        pipe = cls(Manifest.load(engine_dir), providers, threads)
+        pipe = cls(Manifest.load(engine_dir), providers, threads, precision)
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
 

@@ -1,0 +1,68 @@
+"""``ppllava calibrate`` and ``ppllava quantize``: argument parsing only (no torch at import)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ppllava.errors import InputError
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_calibrate(args) -> int:
+    from ppllava.calibration.dataset import build_calibration_set, list_videos
+
+    questions = None
+    if args.questions:
+        if not args.questions.is_file():
+            raise InputError(f"--questions {args.questions} does not exist")
+        questions = [q.strip() for q in args.questions.read_text().splitlines() if q.strip()]
+    if not (args.engine_dir / "manifest.json").is_file():
+        raise InputError(f"{args.engine_dir} is not an engine dir (calibration runs the runtime; export first)")
+    videos = list_videos(args.videos)
+    meta = build_calibration_set(args.engine_dir, videos, args.out, questions, args.questions_per_video,
+                                 args.frames, progress=_say)
+    counts = meta["counts"]
+    print(f"calibration set {args.out}: {counts['videos']} videos, {counts['questions']} questions"
+          f" ({counts['skipped']} unreadable videos skipped)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from ppllava.calibration.quantize import quantize_stages
+
+    if not args.stages:
+        raise InputError("--stages is required (the LLM path, --llm, is not implemented yet)")
+    report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
+                             args.precision, progress=_say, enforce_thresholds=not args.no_threshold)
+    print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']}, "
+          f"{report['held_out_clips']} held-out clips)")
+    for name in ("features", "text_embedding", "visual_tokens"):
+        r = report[name]
+        print(f"{name:<16} {r['cosine_mean']:>12.5f} {r['cosine_min']:>11.5f} {r['max_abs_error']:>12.4g}")
+    verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+    print(f"threshold: visual-token cosine >= {report['thresholds']['visual_tokens_cosine']} — {verdict}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("calibrate", help="calibration set from videos, with the runtime's own preprocessing")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--videos", type=Path, required=True, help="a directory of videos or a file listing them")
+    p.add_argument("--questions", type=Path, help="one question per line (default: built-in generic questions)")
+    p.add_argument("--questions-per-video", type=int, default=2)
+    p.add_argument("--frames", type=int, help="frames per clip (default: the manifest's)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(handler=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="INT8/FP8 Q/DQ stages with NVIDIA ModelOpt, judged on held-out clips")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--calib", type=Path, required=True)
+    p.add_argument("--stages", help="comma list of vision,text,pool")
+    p.add_argument("--precision", default="int8", help="int8 or fp8")
+    p.add_argument("--no-threshold", action="store_true",
+                   help="record the stages even below the accuracy threshold (for latency measurements; marked in the manifest)")
+    p.set_defaults(handler=cmd_quantize)

@@ -1,0 +1,193 @@
+"""``ppllava quantize --stages``: explicit Q/DQ ONNX of the vision / text / pool stages with NVIDIA
+ModelOpt's ONNX post-training quantization, calibrated on the calibration set (whole clips for the
+vision stage, so the BT-Adapter sees real frame sequences), judged on held-out clips.
+
+Quantized stages are new files recorded in the manifest as variants of their stage (precision per
+stage, never in a file name the runtime parses); the FP stages stay. ``ppllava ask --precision``
+picks a variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ppllava.errors import InputError, PPLLaVAError
+from ppllava.runtime.backends import OrtStage
+from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+
+from ppllava.calibration.dataset import load_shards
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vision", "text", "pool")
+PRECISIONS = {"int8": "int8", "fp8": "fp8"}
+# Accuracy thresholds, one table (cosine similarity against the FP stage on held-out clips).
+THRESHOLDS = {"visual_tokens_cosine": 0.99}
+QUANT_JSON = "quant.json"
+
+
+class QuantizationError(PPLLaVAError):
+    """Quantization failed, or the quantized stages miss their accuracy threshold."""
+
+
+def _feeds(stage: str, shards: list[dict]) -> list[dict[str, np.ndarray]]:
+    """One feed per calibration step: a whole clip (vision) or one question (text, pool)."""
+    feeds = []
+    for shard in shards:
+        if stage == "vision":
+            feeds.append({"pixel_values": shard["pixel_values"]})
+            continue
+        k = 0
+        while f"clip_ids_{k}" in shard:
+            if stage == "text":
+                feeds.append({"clip_ids": shard[f"clip_ids_{k}"], "clip_mask": shard[f"clip_mask_{k}"]})
+            else:
+                feeds.append({"features": shard["features"], "text_embedding": shard[f"text_embedding_{k}"],
+                              "window_index": shard["window_index"]})
+            k += 1
+    return feeds
+
+
+def _reader(feeds):
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = list(feeds)
+            self.position = 0
+
+        def get_next(self):
+            if self.position >= len(self.items):
+                return None
+            self.position += 1
+            return self.items[self.position - 1]
+
+        def get_first(self):  # ModelOpt peeks at one feed to learn the input shapes
+            return self.items[0] if self.items else None
+
+        def rewind(self):
+            self.position = 0
+
+    return Reader()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precision: str,
+                    progress=log.info, enforce_thresholds: bool = True) -> dict:
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)} for the vision/text/pool stages, got {precision!r}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise InputError(f"--stages takes a comma list of {', '.join(STAGES)}; got {','.join(stages) or 'nothing'}")
+    manifest = Manifest.load(engine_dir)
+    meta, shards = load_shards(calib_dir)
+    from ppllava.runtime.pipeline import Pipeline
+
+    if meta.get("engine") != Pipeline.open(engine_dir).engine_id:
+        raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
+    held_out = shards[-max(1, len(shards) // 5):] if len(shards) > 1 else shards
+    calibrate = shards[: len(shards) - len(held_out)] or shards
+    try:
+        import modelopt.onnx.quantization as moq
+    except ImportError as exc:
+        raise QuantizationError(f"NVIDIA ModelOpt is not installed ({exc}); pip install 'ppllava[quant]'") from None
+
+    files = {}
+    for stage in stages:
+        source = manifest.stage_path(stage)
+        target = engine_dir / f"{stage}.{precision}.onnx"
+        progress(f"quantizing {stage} ({precision}) on {len(_feeds(stage, calibrate))} calibration samples")
+        # ModelOpt writes next to its input (and was seen to rewrite the input file itself), so it
+        # works on a copy in a scratch directory; only the finished model enters the engine dir.
+        with tempfile.TemporaryDirectory(dir=engine_dir.parent) as scratch:
+            scratch = Path(scratch)
+            copy = scratch / source.name
+            shutil.copy2(source, copy)
+            data = source.with_suffix(".onnx.data")
+            if data.exists():
+                shutil.copy2(data, scratch / data.name)
+            logs = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
+                    moq.quantize(onnx_path=str(copy), quantize_mode=precision,
+                                 calibration_data_reader=_reader(_feeds(stage, calibrate)),
+                                 calibration_eps=["cpu"], output_path=str(scratch / target.name), log_level="ERROR",
+                                 high_precision_dtype="fp32")
+            except Exception as exc:  # ModelOpt raises many types; the first line says what failed
+                raise QuantizationError(
+                    f"ModelOpt could not quantize the {stage} stage: {str(exc).strip().splitlines()[0]}"
+                ) from exc
+            (scratch / target.name).replace(target)
+        files[stage] = target
+    report = _accuracy(manifest, files, held_out, precision)
+    worst = report["visual_tokens"]["cosine_min"]
+    report["below_threshold"] = worst < THRESHOLDS["visual_tokens_cosine"]
+    (engine_dir / QUANT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    if report["below_threshold"] and not enforce_thresholds:
+        log.warning("%s visual tokens reach cosine %.4f < %s: recorded anyway (--no-threshold), marked below threshold",
+                    precision, worst, THRESHOLDS["visual_tokens_cosine"])
+    elif report["below_threshold"]:
+        for path in files.values():
+            path.unlink()
+        raise QuantizationError(
+            f"{precision} visual tokens reach cosine {worst:.4f} < {THRESHOLDS['visual_tokens_cosine']} against the FP stages "
+            f"on held-out clips; not recorded (numbers in {engine_dir / QUANT_JSON})"
+        )
+    _record(engine_dir, files, precision, report)
+    return report
+
+
+def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], precision: str) -> dict:
+    """FP stages vs quantized ones, chained as the runtime chains them, on held-out clips."""
+    fp = {s: OrtStage(manifest.stage_path(s)) for s in STAGES}
+    q = {s: OrtStage(files[s]) if s in files else fp[s] for s in STAGES}
+    rows = {"features": [], "text_embedding": [], "visual_tokens": []}
+    for shard in held_out:
+        f_fp = fp["vision"].run(pixel_values=shard["pixel_values"])["features"]
+        f_q = q["vision"].run(pixel_values=shard["pixel_values"])["features"]
+        rows["features"].append((f_fp, f_q))
+        k = 0
+        while f"clip_ids_{k}" in shard:
+            ids, mask = shard[f"clip_ids_{k}"], shard[f"clip_mask_{k}"]
+            t_fp = fp["text"].run(clip_ids=ids, clip_mask=mask)["text_embedding"]
+            t_q = q["text"].run(clip_ids=ids, clip_mask=mask)["text_embedding"]
+            rows["text_embedding"].append((t_fp, t_q))
+            v_fp = fp["pool"].run(features=f_fp, text_embedding=t_fp, window_index=shard["window_index"])["visual_tokens"]
+            v_q = q["pool"].run(features=f_q, text_embedding=t_q, window_index=shard["window_index"])["visual_tokens"]
+            rows["visual_tokens"].append((v_fp, v_q))
+            k += 1
+    report = {"precision": precision, "stages": sorted(files), "held_out_clips": len(held_out), "thresholds": THRESHOLDS}
+    for name, pairs in rows.items():
+        cos = np.concatenate([_cosine(a, b) for a, b in pairs])
+        report[name] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                        "max_abs_error": float(max(np.abs(a - b).max() for a, b in pairs))}
+    return report
+
+
+def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict) -> None:
+    """Add the quantized files to the manifest as stage variants (atomic rewrite)."""
+    path = engine_dir / MANIFEST
+    data = json.loads(path.read_text())
+    for stage, file in files.items():
+        data["stages"][stage].setdefault("variants", {})[precision] = {
+            "file": file.name, "precision": precision, "quantizer": "nvidia-modelopt onnx ptq",
+            "files": {file.name: {"bytes": file.stat().st_size, "sha256": sha256_file(file)}},
+            "visual_tokens_cosine_min": report["visual_tokens"]["cosine_min"],
+            "below_threshold": report["below_threshold"],
+        }
+    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,140 @@
+"""Calibration sets and INT8/FP8 Q/DQ stages (ModelOpt), judged against the FP stages.
+
+Guards against calibration that does not use the inference preprocessing, quantized files that are
+not recorded (or recorded without checks), and accuracy reports that cannot fail."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from ppllava.calibration.dataset import build_calibration_set, list_videos, load_shards
+from ppllava.errors import InputError
+from ppllava.export.engine import ExportOptions, export_engine
+from ppllava.runtime.manifest import Manifest
+from ppllava.runtime.pipeline import Pipeline
+
+needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                                    reason="pip install 'ppllava[quant]' (nvidia-modelopt)")
+
+
+def write_video(path, frames=30, seed=0):
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (80, 64))
+    base = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    for i in range(frames):
+        writer.write(np.roll(base, 3 * i, axis=1))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    engine = root / "engine"
+    export_engine(ExportOptions(tiny_dirs["vicuna"], engine), report=lambda _: None)
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(4):
+        write_video(videos / f"clip{i}.mp4", seed=i)
+    (videos / "broken.mp4").write_text("not a video")
+    calib = root / "calib"
+    meta = build_calibration_set(engine, list_videos(videos), calib, progress=lambda _: None)
+    return engine, videos, calib, meta
+
+
+def test_calibration_set(setup):
+    engine, videos, calib, meta = setup
+    assert meta["counts"] == {"videos": 4, "skipped": 1, "questions": 8}
+    assert meta["skipped"][0]["video"].endswith("broken.mp4")
+    _, shards = load_shards(calib)
+    pipe = Pipeline.open(engine)
+    shard = shards[0]
+    # the stored features are exactly what the runtime computes from the stored frames
+    np.testing.assert_allclose(pipe.vision(shard["pixel_values"]), shard["features"], atol=1e-6)
+    assert shard["pixel_values"].shape == (8, 3, 42, 42) and shard["clip_ids_0"].shape == (1, 248)
+    tokens = pipe.pool(shard["features"], shard["text_embedding_0"], pipe.manifest.plan("video"))
+    np.testing.assert_allclose(tokens, shard["visual_tokens_0"], atol=1e-6)
+
+
+def test_calibration_resumes(setup, tmp_path):
+    engine, videos, calib, _ = setup
+    stamps = {p.name: p.stat().st_mtime_ns for p in calib.glob("shard-*.npz")}
+    meta = build_calibration_set(engine, list_videos(videos), calib, progress=lambda _: None)
+    assert meta["counts"]["videos"] == 4
+    assert {p.name: p.stat().st_mtime_ns for p in calib.glob("shard-*.npz")} == stamps  # nothing rewritten
+
+
+def test_calibration_bad_inputs(setup, tmp_path, tiny_dirs):
+    engine, videos, _, _ = setup
+    with pytest.raises(InputError, match="no videos"):
+        build_calibration_set(engine, [], tmp_path / "c")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.mp4").write_text("nope")
+    with pytest.raises(InputError, match="none of the 1 videos"):
+        build_calibration_set(engine, list_videos(tmp_path / "bad"), tmp_path / "c2", progress=lambda _: None)
+
+
+@needs_modelopt
+def test_int8_stages(setup):
+    import shutil
+
+    from ppllava.calibration.quantize import quantize_stages
+
+    engine, _, calib, _ = setup
+    work = engine.parent / "engine_q"
+    shutil.copytree(engine, work)
+    before = (work / "vision.onnx").read_bytes()
+    report = quantize_stages(work, calib, ["vision", "text", "pool"], "int8", progress=lambda _: None)
+    assert (work / "vision.onnx").read_bytes() == before  # the FP stage is untouched
+    for stage in ("vision", "text", "pool"):
+        ops = [n.op_type for n in onnx.load(str(work / f"{stage}.int8.onnx")).graph.node]
+        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, stage
+    manifest = Manifest.load(work)
+    manifest.check_files(verify_checksums=True)
+    assert manifest.stage("vision")["variants"]["int8"]["precision"] == "int8"
+    saved = json.loads((work / "quant.json").read_text())
+    assert saved["visual_tokens"]["cosine_min"] == report["visual_tokens"]["cosine_min"] >= 0.99
+    assert 0.99 <= report["features"]["cosine_mean"] <= 1.0 and report["features"]["max_abs_error"] > 0
+    pipe = Pipeline.open(work, precision="int8")
+    assert pipe.stages["vision"].path.name == "vision.int8.onnx"
+    shards = load_shards(calib)[1]
+    assert pipe.vision(shards[0]["pixel_values"]).shape == shards[0]["features"].shape
+
+
+@needs_modelopt
+def test_threshold_fails_loudly_and_records_nothing(setup, monkeypatch):
+    import shutil
+
+    import ppllava.calibration.quantize as quantize
+
+    engine, _, calib, _ = setup
+    work = engine.parent / "engine_t"
+    shutil.copytree(engine, work)
+    monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", 1.01)
+    with pytest.raises(quantize.QuantizationError, match="cosine .* < 1.01"):
+        quantize.quantize_stages(work, calib, ["pool"], "int8", progress=lambda _: None)
+    assert "variants" not in Manifest.load(work).stage("pool") and not (work / "pool.int8.onnx").exists()
+
+
+def test_quantize_bad_inputs(setup, tmp_path, tiny_dirs):
+    from ppllava.calibration.quantize import quantize_stages
+
+    engine, _, calib, _ = setup
+    with pytest.raises(InputError, match="--precision"):
+        quantize_stages(engine, calib, ["vision"], "int4")
+    with pytest.raises(InputError, match="--stages"):
+        quantize_stages(engine, calib, ["llm"], "int8")
+    with pytest.raises(InputError, match="not a calibration set"):
+        quantize_stages(engine, tmp_path, ["vision"], "int8")
+    other = tmp_path / "other"
+    export_engine(ExportOptions(tiny_dirs["qwen"], other), report=lambda _: None)
+    with pytest.raises(InputError, match="fingerprint mismatch"):
+        quantize_stages(other, calib, ["vision"], "int8")
+    with pytest.raises(Exception, match="no int8 stages"):
+        Pipeline.open(other, precision="int8")
