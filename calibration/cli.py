@@ -34,8 +34,18 @@ def cmd_calibrate(args) -> int:
 def cmd_quantize(args) -> int:
     from ppllava.calibration.quantize import quantize_stages
 
-    if not args.stages:
-        raise InputError("--stages is required (the LLM path, --llm, is not implemented yet)")
+    if bool(args.stages) == bool(args.llm):
+        raise InputError("give --stages vision,text,pool (ONNX Q/DQ) or --llm SCHEME (TensorRT-LLM checkpoint)")
+    if args.llm:
+        from ppllava.calibration.llm_quant import quantize_llm
+
+        report = quantize_llm(args.engine_dir, args.calib, args.llm, progress=_say,
+                              enforce_thresholds=not args.no_threshold)
+        verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+        print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} (threshold {report['threshold_top1']}), "
+              f"identical greedy answers {report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} "
+              f"held-out prompts — {verdict}; TensorRT-LLM checkpoint in {args.engine_dir / 'trtllm' / args.llm}")
+        return 0
     report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
                              args.precision, progress=_say, enforce_thresholds=not args.no_threshold)
     print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']}, "
@@ -62,6 +72,8 @@ def add_parsers(sub) -> None:
     p.add_argument("engine_dir", type=Path)
     p.add_argument("--calib", type=Path, required=True)
     p.add_argument("--stages", help="comma list of vision,text,pool")
+    p.add_argument("--llm", choices=("int8_sq", "int8_wo", "fp8", "int4_awq"),
+                   help="quantize the language model to a TensorRT-LLM checkpoint")
     p.add_argument("--precision", default="int8", help="int8 or fp8")
     p.add_argument("--no-threshold", action="store_true",
                    help="record the stages even below the accuracy threshold (for latency measurements; marked in the manifest)")

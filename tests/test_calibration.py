@@ -138,3 +138,65 @@ def test_quantize_bad_inputs(setup, tmp_path, tiny_dirs):
         quantize_stages(other, calib, ["vision"], "int8")
     with pytest.raises(Exception, match="no int8 stages"):
         Pipeline.open(other, precision="int8")
+
+
+EXPECTED_LAYOUT = {
+    # scheme: (quant_algo, dtype of a linear weight, extra tensor that must exist)
+    "int8_sq": ("W8A8_SQ_PER_CHANNEL", "torch.int8", "activation_scaling_factor"),
+    "int8_wo": ("W8A16", "torch.int8", "weights_scaling_factor"),
+    "fp8": ("FP8", "torch.float8_e4m3fn", "activation_scaling_factor"),
+    "int4_awq": ("W4A16_AWQ", "torch.int8", "prequant_scaling_factor"),  # two int4 values per int8
+}
+
+
+@needs_modelopt
+@pytest.mark.parametrize("scheme", list(EXPECTED_LAYOUT))
+def test_llm_tensorrt_llm_checkpoint(setup, scheme):
+    # Bug class: a checkpoint trtllm-build cannot read (config fields, tensor names, dtypes).
+    import shutil
+
+    from safetensors import safe_open
+
+    from ppllava.calibration.llm_quant import quantize_llm
+
+    engine, _, calib, _ = setup
+    work = engine.parent / f"engine_llm_{scheme}"
+    shutil.copytree(engine, work)
+    # random tiny weights give near-flat logits, so agreement thresholds are not the point here
+    report = quantize_llm(work, calib, scheme, progress=lambda _: None, enforce_thresholds=False)
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["held_out_prompts"] >= 1
+    algo, dtype, extra = EXPECTED_LAYOUT[scheme]
+    config = json.loads((work / "trtllm" / scheme / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == algo
+    assert config["architecture"] == "LlamaForCausalLM" and config["num_hidden_layers"] == 2
+    with safe_open(str(work / "trtllm" / scheme / "rank0.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert str(f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype) == dtype
+    assert f"transformer.layers.0.mlp.fc.{extra}" in names
+    recorded = Manifest.load(work).data["llm"]["quantized"][scheme]
+    assert recorded["quantization"]["quant_algo"] == algo and recorded["files"]
+    Manifest.load(work).check_files()  # the recorded manifest still loads
+    saved = json.loads((work / "quant.json").read_text())["llm"][scheme]
+    assert saved["top1_agreement"] == report["top1_agreement"]
+
+
+@needs_modelopt
+def test_llm_threshold_fails_loudly(setup):
+    import shutil
+
+    from ppllava.calibration.llm_quant import quantize_llm
+    from ppllava.calibration.quantize import QuantizationError
+
+    engine, _, calib, _ = setup
+    work = engine.parent / "engine_llm_threshold"
+    shutil.copytree(engine, work)
+    import ppllava.calibration.llm_quant as llm_quant
+
+    original = dict(llm_quant.TOP1_THRESHOLDS)
+    llm_quant.TOP1_THRESHOLDS["int8_wo"] = 1.01
+    try:
+        with pytest.raises(QuantizationError, match="top-1 agreement .* < 1.01"):
+            quantize_llm(work, calib, "int8_wo", progress=lambda _: None)
+    finally:
+        llm_quant.TOP1_THRESHOLDS.update(original)
+    assert not (work / "trtllm").exists() and "quantized" not in Manifest.load(work).data["llm"]

@@ -1,0 +1,177 @@
+"""``ppllava quantize --llm``: ModelOpt post-training quantization of the language model, calibrated on
+the multimodal prompts of the calibration set (visual tokens spliced at the image token, exactly
+as the runtime feeds the LLM), exported as a TensorRT-LLM checkpoint (``config.json`` +
+``rank0.safetensors``) ready for ``trtllm-build``.
+
+Accuracy is judged with ModelOpt's simulated quantization in PyTorch on held-out prompts: top-1
+agreement of the logits along the FP model's greedy path, and the rate of identical greedy answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppllava.calibration.dataset import load_shards
+from ppllava.calibration.quantize import QUANT_JSON, QuantizationError
+from ppllava.errors import InputError
+from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+from ppllava.runtime.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("int8_sq", "int8_wo", "fp8", "int4_awq")
+TOP1_THRESHOLDS = {"int8_sq": 0.95, "int8_wo": 0.95, "fp8": 0.95, "int4_awq": 0.90}
+GREEDY_TOKENS = 16
+DECODER_TYPES = {"llama": "llama", "qwen2": "qwen"}
+
+
+def _config(scheme: str, hidden: int, intermediate: int):
+    import modelopt.torch.quantization as mtq
+
+    if scheme == "int8_sq":
+        return mtq.INT8_SMOOTHQUANT_CFG, {}
+    if scheme == "int8_wo":
+        return mtq.INT8_WEIGHT_ONLY_CFG, {}
+    if scheme == "fp8":
+        return mtq.FP8_DEFAULT_CFG, {}
+    # AWQ groups weights in blocks of 128 along the input dimension; smaller models (e.g. width
+    # 576) need 64, which TensorRT-LLM's W4A16 AWQ kernels also support.
+    block = next((b for b in (128, 64, 32) if hidden % b == 0 and intermediate % b == 0), None)
+    if block is None:
+        raise InputError(f"int4_awq needs the LLM's widths ({hidden}, {intermediate}) divisible by 32, 64 or 128")
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:  # a list of {quantizer_name, cfg} rules in ModelOpt 0.47
+        if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+            entry["cfg"]["block_sizes"] = {**entry["cfg"]["block_sizes"], -1: block}
+    return cfg, {"awq_block_size": block}
+
+
+def _prompts(pipe: Pipeline, shards: list[dict]) -> list[torch.Tensor]:
+    """(1, L, D) inputs_embeds for every (video, question) in the shards, as the runtime splices them."""
+    out = []
+    for shard in shards:
+        k = 0
+        while f"prompt_ids_{k}" in shard:
+            embeds = pipe.embed_prompt(shard[f"prompt_ids_{k}"], shard[f"visual_tokens_{k}"])
+            out.append(torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)))
+            k += 1
+    return out
+
+
+@torch.inference_mode()
+def _greedy(model, embeds: torch.Tensor, steps: int, table: torch.Tensor) -> list[int]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1]
+    tokens = [int(logits.argmax(-1))]
+    for _ in range(steps - 1):
+        logits = model(inputs_embeds=table[tokens[-1]][None, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens.append(int(logits.argmax(-1)))
+    return tokens
+
+
+@torch.inference_mode()
+def _agreement(fp, quant, prompts: list[torch.Tensor], table: torch.Tensor) -> dict:
+    agree = total = identical = 0
+    for embeds in prompts:
+        path = _greedy(fp, embeds, GREEDY_TOKENS, table)
+        full = torch.cat([embeds, table[path[:-1]][None]], dim=1)
+        start = embeds.shape[1] - 1
+        top_fp = fp(inputs_embeds=full).logits[0, start:].argmax(-1)
+        top_q = quant(inputs_embeds=full).logits[0, start:].argmax(-1)
+        agree += int((top_fp == top_q).sum())
+        total += len(path)
+        identical += int(_greedy(quant, embeds, GREEDY_TOKENS, table) == path)
+    return {"top1_agreement": agree / total, "identical_greedy_answers": identical / len(prompts),
+            "held_out_prompts": len(prompts), "tokens_per_prompt": GREEDY_TOKENS}
+
+
+def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.info,
+                 enforce_thresholds: bool = True) -> dict:
+    if scheme not in SCHEMES:
+        raise InputError(f"--llm must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    try:
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    except ImportError as exc:
+        raise QuantizationError(f"NVIDIA ModelOpt is not installed ({exc}); pip install 'ppllava[quant]'") from None
+    from transformers import AutoModelForCausalLM
+
+    manifest = Manifest.load(engine_dir)
+    pipe = Pipeline.open(engine_dir)
+    meta, shards = load_shards(calib_dir)
+    if meta.get("engine") != pipe.engine_id:
+        raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
+    prompts = _prompts(pipe, shards)
+    held = max(1, len(prompts) // 5)
+    calibrate, held_out = (prompts[:-held], prompts[-held:]) if len(prompts) > 1 else (prompts, prompts)
+    hf_dir = engine_dir / manifest.data["llm"]["hf_dir"]
+    fp = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()
+    cfg, extra = _config(scheme, fp.config.hidden_size, fp.config.intermediate_size)
+    quant = copy.deepcopy(fp)
+    progress(f"quantizing the LLM ({scheme}) on {len(calibrate)} multimodal prompts")
+
+    def forward_loop(model):
+        with torch.inference_mode():
+            for embeds in calibrate:
+                model(inputs_embeds=embeds)
+
+    quant = mtq.quantize(quant, cfg, forward_loop=forward_loop)
+    table = fp.get_input_embeddings().weight.detach()
+    report = {"scheme": scheme, **extra, **_agreement(fp, quant, held_out, table),
+              "threshold_top1": TOP1_THRESHOLDS[scheme], "simulated": "ModelOpt fake quantization in PyTorch (fp32)"}
+    report["below_threshold"] = report["top1_agreement"] < TOP1_THRESHOLDS[scheme]
+    _save_report(engine_dir, scheme, report)
+    if report["below_threshold"] and enforce_thresholds:
+        raise QuantizationError(
+            f"{scheme}: top-1 agreement {report['top1_agreement']:.3f} < {TOP1_THRESHOLDS[scheme]} on held-out prompts; "
+            f"no checkpoint written (numbers in {engine_dir / QUANT_JSON})"
+        )
+    model_type = fp.config.model_type
+    if model_type not in DECODER_TYPES:
+        raise QuantizationError(f"no TensorRT-LLM decoder type for {model_type!r}")
+    target = engine_dir / "trtllm" / scheme
+    with tempfile.TemporaryDirectory(dir=engine_dir) as scratch:
+        out = Path(scratch) / scheme
+        with torch.inference_mode():
+            export_tensorrt_llm_checkpoint(quant, decoder_type=DECODER_TYPES[model_type], dtype=torch.float16,
+                                           export_dir=str(out), inference_tensor_parallel=1)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    _record(engine_dir, scheme, target, report)
+    return report
+
+
+def _save_report(engine_dir: Path, scheme: str, report: dict) -> None:
+    path = engine_dir / QUANT_JSON
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("llm", {})[scheme] = report
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
+    path = engine_dir / MANIFEST
+    data = json.loads(path.read_text())
+    config = json.loads((target / "config.json").read_text())
+    files = {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(target.iterdir()) if p.is_file()}
+    data["llm"].setdefault("quantized", {})[scheme] = {
+        "dir": str(target.relative_to(engine_dir)), "format": "tensorrt-llm checkpoint",
+        "quantization": config.get("quantization"), "files": files,
+        "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
+    }
+    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
