@@ -37,8 +37,16 @@ def cmd_quantize(args) -> int:
     if bool(args.stages) == bool(args.llm):
         raise InputError("give --stages vision,text,pool (ONNX Q/DQ) or --llm SCHEME (TensorRT-LLM checkpoint)")
     if args.llm:
-        from ppllava.calibration.llm_quant import quantize_llm
+        from ppllava.calibration.llm_quant import quantize_llm, quantize_ort_llm
 
+        if args.llm.startswith("ort_"):
+            report = quantize_ort_llm(args.engine_dir, args.calib, args.llm.removeprefix("ort_"), progress=_say,
+                                      enforce_thresholds=not args.no_threshold)
+            verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+            print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f}, identical greedy answers "
+                  f"{report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} held-out prompts — {verdict}; "
+                  f"use it with --precision {args.llm.removeprefix('ort_')}")
+            return 0
         report = quantize_llm(args.engine_dir, args.calib, args.llm, progress=_say,
                               enforce_thresholds=not args.no_threshold)
         verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
@@ -72,8 +80,9 @@ def add_parsers(sub) -> None:
     p.add_argument("engine_dir", type=Path)
     p.add_argument("--calib", type=Path, required=True)
     p.add_argument("--stages", help="comma list of vision,text,pool")
-    p.add_argument("--llm", choices=("int8_sq", "int8_wo", "fp8", "int4_awq"),
-                   help="quantize the language model to a TensorRT-LLM checkpoint")
+    p.add_argument("--llm", choices=("int8_sq", "int8_wo", "fp8", "int4_awq", "ort_int4", "ort_int8"),
+                   help="quantize the language model: a TensorRT-LLM checkpoint, or (ort_*) an onnxruntime-genai "
+                        "weight-only ONNX LLM for the CPU path")
     p.add_argument("--precision", default="int8", help="int8 or fp8")
     p.add_argument("--no-threshold", action="store_true",
                    help="record the stages even below the accuracy threshold (for latency measurements; marked in the manifest)")

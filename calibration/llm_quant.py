@@ -29,7 +29,7 @@ from ppllava.runtime.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8_sq", "int8_wo", "fp8", "int4_awq")
-TOP1_THRESHOLDS = {"int8_sq": 0.95, "int8_wo": 0.95, "fp8": 0.95, "int4_awq": 0.90}
+TOP1_THRESHOLDS = {"int8_sq": 0.95, "int8_wo": 0.95, "fp8": 0.95, "int4_awq": 0.90, "ort_int8": 0.95, "ort_int4": 0.90}
 GREEDY_TOKENS = 16
 DECODER_TYPES = {"llama": "llama", "qwen2": "qwen"}
 
@@ -175,3 +175,79 @@ def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
     tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+ORT_PRECISIONS = ("int4", "int8")
+
+
+def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress=log.info,
+                     enforce_thresholds: bool = True) -> dict:
+    """The CPU path: onnxruntime-genai's builder with weight-only ``int4``/``int8`` (round to
+    nearest, no calibration needed), judged against the FP ONNX LLM on the calibration set's
+    held-out multimodal prompts, recorded as a variant of the LLM stage (``ask --precision int4``)."""
+    from ppllava.export.llm import build_onnx_llm
+    from ppllava.runtime.decoder import OrtDecoder
+
+    if precision not in ORT_PRECISIONS:
+        raise InputError(f"the onnxruntime-genai LLM takes int4 or int8, got {precision!r}")
+    manifest = Manifest.load(engine_dir)
+    if "llm" not in manifest.data["stages"]:
+        raise InputError(f"{engine_dir} has no ONNX LLM (exported with --llm none)")
+    pipe = Pipeline.open(engine_dir)
+    meta, shards = load_shards(calib_dir)
+    if meta.get("engine") != pipe.engine_id:
+        raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
+    prompts = [p.numpy() for p in _prompts(pipe, shards)]
+    held_out = prompts[-max(1, len(prompts) // 5):]
+    target = engine_dir / f"llm_{precision}"
+    progress(f"building the {precision} ONNX LLM with onnxruntime-genai's builder")
+    with tempfile.TemporaryDirectory(dir=engine_dir) as scratch:
+        out = Path(scratch) / target.name
+        build_onnx_llm(engine_dir / manifest.data["llm"]["hf_dir"], out, torch.float32, precision=precision)
+        fp, quant = OrtDecoder(manifest.stage_path("llm")), OrtDecoder(out)
+        table = pipe.embed_tokens
+        agree = total = identical = 0
+        for embeds in held_out:
+            path = _ort_greedy(fp, embeds, table)
+            quant.reset(capacity=embeds.shape[1] + GREEDY_TOKENS)
+            logits = quant.forward(embeds)
+            for token in path:  # teacher-forced along the FP greedy path
+                agree += int(int(logits.argmax()) == token)
+                total += 1
+                logits = quant.forward(np.asarray(table[token])[None, None])
+            identical += int(_ort_greedy(quant, embeds, table) == path)
+        report = {"scheme": f"ort_{precision}", "top1_agreement": agree / total,
+                  "identical_greedy_answers": identical / len(held_out), "held_out_prompts": len(held_out),
+                  "tokens_per_prompt": GREEDY_TOKENS, "threshold_top1": TOP1_THRESHOLDS[f"ort_{precision}"],
+                  "simulated": "no: measured with onnxruntime on this machine"}
+        report["below_threshold"] = report["top1_agreement"] < report["threshold_top1"]
+        _save_report(engine_dir, f"ort_{precision}", report)
+        if report["below_threshold"] and enforce_thresholds:
+            raise QuantizationError(
+                f"ort_{precision}: top-1 agreement {report['top1_agreement']:.3f} < {report['threshold_top1']}; not recorded"
+            )
+        if target.exists():
+            shutil.rmtree(target)
+        del fp, quant
+        out.rename(target)
+    data = json.loads((engine_dir / MANIFEST).read_text())
+    data["stages"]["llm"].setdefault("variants", {})[precision] = {
+        "dir": target.name, "precision": precision, "quantizer": "onnxruntime-genai builder (RTN weight-only)",
+        "files": {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                  for p in sorted(target.iterdir()) if p.is_file()},
+        "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
+    }
+    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(engine_dir / MANIFEST)
+    return report
+
+
+def _ort_greedy(decoder, embeds: np.ndarray, table) -> list[int]:
+    decoder.reset(capacity=embeds.shape[1] + GREEDY_TOKENS)
+    logits = decoder.forward(embeds)
+    tokens = [int(logits.argmax())]
+    for _ in range(GREEDY_TOKENS - 1):
+        logits = decoder.forward(np.asarray(table[tokens[-1]])[None, None])
+        tokens.append(int(logits.argmax()))
+    return tokens

@@ -107,10 +107,11 @@ def _drop_shape_annotations(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
-    """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``."""
+def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: str | None = None) -> Path:
+    """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``;
+    ``precision`` ("int4", "int8") overrides the dtype's for weight-quantized CPU builds."""
     create_model, parse_extra_options = _import_builder()
-    precision = BUILDER_PRECISION[dtype]
+    precision = precision or BUILDER_PRECISION[dtype]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         source = scratch / "hf"
@@ -132,7 +133,7 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
             raise LLMExportError(f"onnxruntime-genai builder failed: {type(exc).__name__}: {exc}" + (f"\n{tail}" if tail else "")) from exc
     if not (out_dir / "model.onnx").is_file():
         raise LLMExportError(f"onnxruntime-genai builder wrote no model.onnx to {out_dir}")
-    if dtype == torch.float16:
+    if precision != "fp32":
         _drop_shape_annotations(out_dir / "model.onnx")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         # the placeholder tokenizer (if any) stays out of the engine dir

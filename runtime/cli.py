@@ -166,7 +166,7 @@ def cmd_bench(args) -> int:
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
     results = [bench.bench_pipeline(pipe, options, say)]
-    if args.compare in ("int8", "fp8"):
+    if args.compare in ("int8", "fp8", "int4"):
         quantized = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
                                   precision=args.compare)
         results.append(bench.bench_pipeline(quantized, options, say, name=f"onnxruntime-{args.compare}"))
@@ -230,7 +230,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
     p.add_argument("--providers", default="cpu")
     p.add_argument("--threads", type=int)
-    p.add_argument("--compare", choices=("torch", "int8", "fp8"),
+    p.add_argument("--compare", choices=("torch", "int8", "fp8", "int4"),
                    help="also run the PyTorch reference (eager), or the quantized stages, on the same inputs")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --compare torch (default: the manifest's source)")
     p.add_argument("--torch-device", default="cpu", help="device for the torch baseline (cpu, cuda)")

@@ -92,7 +92,7 @@ class Manifest:
                 have = sorted({stage.get("precision", "?"), *stage.get("variants", {})})
                 raise EngineError(f"the {name} stage has no {precision} variant (available: {', '.join(have)}); "
                                   f"create it with `ppllava quantize --stages {name} --precision {precision}`")
-            return self.root / variant["file"]
+            return self.root / (variant.get("file") or variant["dir"])
         return self.root / (stage.get("file") or stage["dir"])
 
     def check_files(self, verify_checksums: bool = False) -> None:

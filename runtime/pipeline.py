@@ -71,7 +71,10 @@ class Pipeline:
         self.precision = precision
         names = ("vision", "text", "pool")
         quantized = {n for n in names if precision in manifest.stage(n).get("variants", {})}
-        if precision and not quantized and all(manifest.stage(n).get("precision") != precision for n in names):
+        llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
+        if precision and not quantized and precision not in llm_variants and all(
+            manifest.stage(n).get("precision") != precision for n in names
+        ):
             raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
         self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
                        for n in names}
@@ -84,7 +87,8 @@ class Pipeline:
         if "llm" in manifest.data["stages"]:
             from ppllava.runtime.tensors import map_safetensors
 
-            self.decoder = OrtDecoder(manifest.stage_path("llm"), providers, threads, kv_in_place=True)
+            llm_precision = precision if precision in manifest.stage("llm").get("variants", {}) else None
+            self.decoder = OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
             # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
             extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
             self.embed_tokens = extras["embed_tokens"]

@@ -200,3 +200,27 @@ def test_llm_threshold_fails_loudly(setup):
     finally:
         llm_quant.TOP1_THRESHOLDS.update(original)
     assert not (work / "trtllm").exists() and "quantized" not in Manifest.load(work).data["llm"]
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_onnxruntime_genai_weight_only_llm(setup, precision):
+    import shutil
+
+    from ppllava.calibration.llm_quant import quantize_ort_llm
+
+    engine, _, calib, _ = setup
+    work = engine.parent / f"engine_ort_{precision}"
+    shutil.copytree(engine, work)
+    report = quantize_ort_llm(work, calib, precision, progress=lambda _: None, enforce_thresholds=False)
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens_per_prompt"] == 16
+    manifest = Manifest.load(work)
+    manifest.check_files(verify_checksums=True)
+    assert manifest.stage("llm")["variants"][precision]["dir"] == f"llm_{precision}"
+    ops = [n.op_type for n in onnx.load(str(work / f"llm_{precision}" / "model.onnx"), load_external_data=False).graph.node]
+    assert "MatMulNBits" in ops  # weight-only quantized matmuls
+    pipe = Pipeline.open(work, precision=precision)
+    assert pipe.decoder.session._model_path.endswith(f"llm_{precision}/model.onnx")
+    shard = load_shards(calib)[1][0]
+    out = pipe.generate_ids(shard["pixel_values"], shard["clip_ids_0"], shard["prompt_ids_0"], shard["clip_mask_0"],
+                            max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4
