@@ -65,7 +65,49 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_build_engines(args) -> int:
+    from ppllava.export import tensorrt
+
+    steps = tensorrt.build_plan(args.engine_dir, args.precision, args.max_frames, args.workspace)
+    command = None
+    if args.llm_scheme or args.dry_run:
+        try:
+            command = tensorrt.trtllm_build_command(args.engine_dir, args.llm_scheme, args.engine_dir / "trtllm_engine",
+                                                    release=args.trtllm_release)
+        except PPLLaVAError as exc:
+            if args.llm_scheme:
+                raise
+            command = None
+            print(f"(LLM: {exc})")
+    if args.dry_run:
+        print(f"would build (TensorRT, {args.precision}):")
+        for step in steps:
+            print(step.describe())
+        if command:
+            print("then the LLM:\n    " + tensorrt.format_command(command))
+        return 0
+    tensorrt.build_engines(args.engine_dir, args.precision, args.max_frames, args.workspace, report=_say)
+    if command:
+        import subprocess
+
+        _say("$ " + tensorrt.format_command(command))
+        result = subprocess.run(command)
+        if result.returncode != 0:
+            raise PPLLaVAError(f"trtllm-build failed with exit code {result.returncode} (its output is above)")
+    return 0
+
+
 def add_parsers(sub) -> None:
+    p = sub.add_parser("build-engines", help="TensorRT engines (and the trtllm-build command) on the target GPU")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--precision", default="fp16", choices=("fp16", "int8", "fp8"))
+    p.add_argument("--max-frames", type=int, help="largest clip in the optimisation profile (default: the export's)")
+    p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB")
+    p.add_argument("--llm-scheme", help="also run trtllm-build on this TensorRT-LLM checkpoint (e.g. int8_sq)")
+    p.add_argument("--trtllm-release", default="current", choices=("current", "jetson-v0.12"))
+    p.add_argument("--dry-run", action="store_true", help="print exactly what would be built, with shapes and precision")
+    p.set_defaults(handler=cmd_build_engines)
+
     p = sub.add_parser("export", help="checkpoint -> verified engine dir (ONNX stages + ONNX LLM)")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="engine dir to create")

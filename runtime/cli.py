@@ -203,7 +203,18 @@ def _torch_baseline(checkpoint, pipe, options, device, say):
     return bench_torch(checkpoint, pipe, options, device, say)
 
 
+def cmd_doctor(args) -> int:
+    from ppllava.runtime.doctor import report
+
+    print("\n".join(report(args.engine_dir)))
+    return 0
+
+
 def add_parsers(sub) -> None:
+    p = sub.add_parser("doctor", help="usable backends here, and whether an engine dir fits this machine / Jetsons")
+    p.add_argument("engine_dir", type=Path, nargs="?")
+    p.set_defaults(handler=cmd_doctor)
+
     p = sub.add_parser("ask", help="answer a question about a video from an engine dir (no torch)")
     _common(p)
     p.add_argument("question")

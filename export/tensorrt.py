@@ -1,0 +1,235 @@
+"""``ppllava build-engines``: TensorRT engines from the engine dir's ONNX stages, and the
+``trtllm-build`` command for the LLM, run on the target GPU.
+
+Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxParser``,
+``IBuilderConfig``, optimisation profiles, timing cache). The plan (what would be built, with shapes
+and precision) is computed without TensorRT, so it is tested everywhere; the build itself needs
+TensorRT and a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ppllava.errors import PPLLaVAError
+from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vision", "text", "pool")
+PRECISIONS = ("fp16", "int8", "fp8")
+
+
+class BuildError(PPLLaVAError):
+    """TensorRT is missing, the ONNX does not parse, or the builder fails (its messages attached)."""
+
+
+@dataclass
+class Profile:
+    """min / opt / max shape of every input of one stage."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclass
+class BuildStep:
+    stage: str
+    onnx: Path
+    plan: Path
+    precision: str
+    flags: list[str]
+    profile: Profile
+    workspace_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.stage}: {self.onnx.name} -> {self.plan.name}  precision {self.precision}  "
+                 f"flags {'+'.join(self.flags)}  workspace {self.workspace_bytes / 2**30:.1f} GiB"]
+        for name, (lo, opt, hi) in self.profile.shapes.items():
+            lines.append(f"    {name:<16} min {list(lo)}  opt {list(opt)}  max {list(hi)}")
+        lines += [f"    note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _profile(stage: dict, max_frames: int | None) -> Profile:
+    dynamic = dict(stage.get("dynamic", {}))
+    if max_frames is not None and "T" in dynamic:
+        dynamic["T"] = {**dynamic["T"], "max": min(dynamic["T"]["max"], max_frames),
+                        "opt": min(dynamic["T"]["opt"], max_frames)}
+    shapes = {}
+    for entry in stage["inputs"]:
+        dims = entry["shape"]
+        pick = lambda key: tuple(int(dynamic[d][key]) if isinstance(d, str) else int(d) for d in dims)  # noqa: E731
+        shapes[entry["name"]] = (pick("min"), pick("opt"), pick("max"))
+    return Profile(shapes)
+
+
+def build_plan(engine_dir: Path, precision: str = "fp16", max_frames: int | None = None,
+               workspace_gb: float = 4.0) -> list[BuildStep]:
+    """What ``build-engines`` would build: one step per stage, with profiles from the manifest."""
+    if precision not in PRECISIONS:
+        raise BuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    manifest = Manifest.load(engine_dir)
+    limit = manifest.dims["max_frames"]
+    if max_frames is not None and not 1 <= max_frames <= limit:
+        raise BuildError(f"--max-frames must be between 1 and the export's {limit}")
+    steps = []
+    for name in STAGES:
+        stage = manifest.stage(name)
+        notes = []
+        if precision == "fp16":
+            onnx = manifest.stage_path(name)
+            flags = ["FP16"]
+        else:
+            if precision not in stage.get("variants", {}):
+                raise BuildError(
+                    f"the {name} stage has no {precision} Q/DQ ONNX; run `ppllava quantize {engine_dir} --calib CALIB "
+                    f"--stages {name} --precision {precision}` first"
+                )
+            onnx = manifest.stage_path(name, precision)
+            flags = ["FP16", precision.upper()]  # explicit Q/DQ: TensorRT follows the graph's scales
+            if precision == "fp8":
+                notes.append("FP8 needs Ada or Hopper (compute capability >= 8.9); Jetson Orin has none")
+        steps.append(BuildStep(name, onnx, engine_dir / f"{name}.{precision}.plan", precision, flags,
+                               _profile(stage, max_frames), int(workspace_gb * 2**30), notes))
+    return steps
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BuildError("TensorRT is not installed here: build engines on the target GPU (JetPack ships it; "
+                         "datacenter: pip install tensorrt)") from None
+    return trt
+
+
+def gpu_identity() -> dict:
+    """TensorRT version, GPU name and compute capability of this machine (for the manifest and the
+    runtime's stale-plan check)."""
+    trt = _trt()
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BuildError("no CUDA GPU is visible: TensorRT engines are built on the target GPU")
+        props = torch.cuda.get_device_properties(0)
+        gpu, cc = props.name, f"{props.major}.{props.minor}"
+    except ImportError:
+        gpu, cc = "unknown", "unknown"
+    return {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc}
+
+
+def build_engine(step: BuildStep, timing_cache: Path) -> None:
+    """Parse the ONNX, configure precision, profile and workspace, build, and write the plan."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(step.onnx)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"TensorRT cannot parse {step.onnx.name}: " + " | ".join(errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, step.workspace_bytes)
+    for flag in step.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in step.profile.shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(f"TensorRT failed to build {step.stage} (see its messages above)")
+    tmp = step.plan.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(step.plan)
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def build_engines(engine_dir: Path, precision: str = "fp16", max_frames: int | None = None,
+                  workspace_gb: float = 4.0, report=log.info) -> list[BuildStep]:
+    steps = build_plan(engine_dir, precision, max_frames, workspace_gb)
+    identity = gpu_identity()
+    for step in steps:
+        report(f"building {step.plan.name} (TensorRT {identity['tensorrt']}, {identity['gpu']})")
+        build_engine(step, engine_dir / "timing.cache")
+    _record(engine_dir, steps, identity)
+    return steps
+
+
+def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> None:
+    path = engine_dir / MANIFEST
+    data = json.loads(path.read_text())
+    for step in steps:
+        data["stages"][step.stage].setdefault("variants", {})[f"tensorrt-{step.precision}"] = {
+            "file": step.plan.name, "backend": "tensorrt", "precision": step.precision, **identity,
+            "profile": {k: [list(s) for s in v] for k, v in step.profile.shapes.items()},
+            "files": {step.plan.name: {"bytes": step.plan.stat().st_size, "sha256": sha256_file(step.plan)}},
+        }
+    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------ TensorRT-LLM
+def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path, max_batch: int = 1,
+                         max_question_tokens: int = 256, release: str = "current") -> list[str]:
+    """``trtllm-build`` arguments from the manifest: a prompt table big enough for the visual tokens
+    (max visual tokens x max batch), input/sequence limits, the GEMM plugin in the model's dtype.
+
+    ``release="jetson-v0.12"`` targets the TensorRT-LLM v0.12 Jetson branch (JetPack 6), whose
+    flags differ from current datacenter releases.
+    """
+    manifest = Manifest.load(engine_dir)
+    data = manifest.data
+    if scheme is None:
+        checkpoint = engine_dir / "trtllm" / "fp16"
+        note = "fp16 checkpoint: convert llm_hf/ first (TensorRT-LLM's convert_checkpoint.py for the model family)"
+    else:
+        entry = data["llm"].get("quantized", {}).get(scheme)
+        if entry is None:
+            raise BuildError(f"no {scheme} TensorRT-LLM checkpoint; run `ppllava quantize --llm {scheme}` first")
+        checkpoint = engine_dir / entry["dir"]
+        note = None
+    max_visual = max_visual_tokens(manifest)
+    context = int(manifest.dims["llm_context"])
+    max_input = min(context, max_visual + max_question_tokens)
+    args = [
+        "trtllm-build", "--checkpoint_dir", str(checkpoint), "--output_dir", str(output_dir),
+        "--max_batch_size", str(max_batch), "--max_input_len", str(max_input), "--max_seq_len", str(context),
+        "--max_prompt_embedding_table_size", str(max_visual * max_batch),
+    ]
+    if release == "jetson-v0.12":
+        args += ["--gemm_plugin", "float16", "--gpt_attention_plugin", "float16", "--remove_input_padding", "enable"]
+    elif release == "current":
+        args += ["--gemm_plugin", "auto"]
+    else:
+        raise BuildError(f"release must be 'current' or 'jetson-v0.12', got {release!r}")
+    if note:
+        log.warning(note)
+    return args
+
+
+def max_visual_tokens(manifest: Manifest) -> int:
+    """Visual tokens of the largest clip the engine accepts under its default pooling plan."""
+    T = int(manifest.dims["max_frames"])
+    for frames in range(T, 0, -1):
+        try:
+            out = manifest.plan("video").output_grid((frames, *manifest.grid))
+            return out[0] * out[1] * out[2]
+        except ValueError:
+            continue
+    out = manifest.plan("image").output_grid((1, *manifest.grid))
+    return out[0] * out[1] * out[2] + 1
+
+
+def format_command(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)

@@ -1,0 +1,139 @@
+"""TensorRT / TensorRT-LLM paths: everything that runs without the libraries is tested here; the
+builds themselves are GPU tests, skipped cleanly where TensorRT is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ppllava.export.engine import ExportOptions, export_engine
+from ppllava.export.tensorrt import BuildError, build_plan, max_visual_tokens, trtllm_build_command
+from ppllava.runtime.backends import BackendError
+from ppllava.runtime.manifest import Manifest
+from ppllava.runtime.pipeline import Pipeline
+from ppllava.runtime.tensorrt_backend import check_plan, embed_with_prompt_table, prompt_table_inputs
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "engine"
+    export_engine(ExportOptions(tiny_dirs["vicuna"], out), report=lambda _: None)
+    return out
+
+
+def test_build_plan_profiles_from_manifest(engine):
+    steps = {s.stage: s for s in build_plan(engine, "fp16")}
+    assert steps["vision"].profile.shapes["pixel_values"] == ((1, 3, 42, 42), (8, 3, 42, 42), (8, 3, 42, 42))
+    assert steps["text"].profile.shapes["clip_ids"] == ((1, 1), (1, 77), (1, 248))
+    assert steps["pool"].profile.shapes["window_index"] == ((1, 1), (16, 18), (288, 288))
+    assert steps["vision"].flags == ["FP16"] and steps["vision"].plan.name == "vision.fp16.plan"
+    small = {s.stage: s for s in build_plan(engine, "fp16", max_frames=4)}
+    assert small["vision"].profile.shapes["pixel_values"][2] == (4, 3, 42, 42)
+
+
+def test_build_plan_refuses_missing_qdq_and_bad_options(engine):
+    with pytest.raises(BuildError, match="no int8 Q/DQ ONNX; run `ppllava quantize"):
+        build_plan(engine, "int8")
+    with pytest.raises(BuildError, match="--precision"):
+        build_plan(engine, "int4")
+    with pytest.raises(BuildError, match="--max-frames"):
+        build_plan(engine, "fp16", max_frames=99)
+
+
+def test_build_plan_uses_qdq_variants(engine, tmp_path):
+    import shutil
+
+    work = tmp_path / "e"
+    shutil.copytree(engine, work)
+    data = json.loads((work / "manifest.json").read_text())
+    for stage in ("vision", "text", "pool"):
+        shutil.copy(work / f"{stage}.onnx", work / f"{stage}.fp8.onnx")
+        data["stages"][stage]["variants"] = {"fp8": {"file": f"{stage}.fp8.onnx", "precision": "fp8", "files": {}}}
+    (work / "manifest.json").write_text(json.dumps(data))
+    steps = build_plan(work, "fp8")
+    assert steps[0].onnx.name == "vision.fp8.onnx" and steps[0].flags == ["FP16", "FP8"]
+    assert any("Jetson Orin has none" in note for note in steps[0].notes)
+
+
+def test_trtllm_build_command(engine, tmp_path):
+    import shutil
+
+    work = tmp_path / "e"
+    shutil.copytree(engine, work)
+    with pytest.raises(BuildError, match="ppllava quantize --llm int8_sq"):
+        trtllm_build_command(work, "int8_sq", tmp_path / "out")
+    data = json.loads((work / "manifest.json").read_text())
+    data["llm"]["quantized"] = {"int8_sq": {"dir": "trtllm/int8_sq"}}
+    (work / "manifest.json").write_text(json.dumps(data))
+    visual = max_visual_tokens(Manifest.load(work))
+    assert visual == 16  # 8 frames of a 6x6 grid with (2,3,3) windows
+    args = trtllm_build_command(work, "int8_sq", tmp_path / "out", max_batch=2)
+    value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+    assert value("--checkpoint_dir").endswith("trtllm/int8_sq") and value("--max_batch_size") == "2"
+    assert value("--max_prompt_embedding_table_size") == str(visual * 2)
+    assert value("--max_seq_len") == "256" and value("--gemm_plugin") == "auto"
+    jetson = trtllm_build_command(work, "int8_sq", tmp_path / "out", release="jetson-v0.12")
+    assert jetson[jetson.index("--gemm_plugin") + 1] == "float16" and "--gpt_attention_plugin" in jetson
+
+
+def test_prompt_table_gives_the_same_llm_input(engine, tiny_models):
+    # The ids from the vocabulary size upward, looked up in the prompt table, must rebuild exactly
+    # the embeddings the onnxruntime path splices.
+    pipe = Pipeline.open(engine)
+    rng = np.random.default_rng(0)
+    visual = rng.standard_normal((16, 64)).astype(np.float32)
+    input_ids = np.array([[5, 6, 1000, 7, 8, 9]])
+    ids, table = prompt_table_inputs(input_ids, visual, 1000, vocab_size=1024)
+    assert ids.shape == (1, 5 + 16) and ids[0, 2] == 1024 and ids[0, 17] == 1039
+    np.testing.assert_array_equal(embed_with_prompt_table(ids, table, pipe.embed_tokens), pipe.embed_prompt(input_ids, visual))
+
+
+def test_stale_plan_is_refused():
+    built = {"file": "vision.fp16.plan", "tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
+    check_plan(built, dict(built))
+    for key, other in (("tensorrt", "10.8.0"), ("gpu", "NVIDIA H100"), ("compute_capability", "9.0")):
+        with pytest.raises(BackendError, match="rebuild it here with `ppllava build-engines`"):
+            check_plan(built, {**built, key: other})
+
+
+def test_doctor_without_gpu_libraries(engine):
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "doctor", str(engine)], capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    if not HAS_TRT:
+        assert "TensorRT           not installed" in r.stdout
+    assert "onnxruntime" in r.stdout and "Jetson Orin Nano 8 GB" in r.stdout and "needs about" in r.stdout
+
+
+def test_build_engines_without_tensorrt_is_one_line(engine):
+    if HAS_TRT:
+        pytest.skip("TensorRT is installed here")
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "build-engines", str(engine)], capture_output=True, text=True)
+    assert r.returncode == 2 and "TensorRT is not installed" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "build-engines", str(engine), "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "vision.fp16.plan" in r.stdout and "trtllm-build" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (GPU test)")
+def test_fp16_engines_match_onnxruntime(engine, tmp_path):
+    import shutil
+
+    from ppllava.export.tensorrt import build_engines
+    from ppllava.runtime.tensorrt_backend import TrtStage
+
+    work = tmp_path / "e"
+    shutil.copytree(engine, work)
+    build_engines(work, "fp16", report=lambda _: None)
+    manifest = Manifest.load(work)
+    stage = TrtStage(work, manifest.stage("vision")["variants"]["tensorrt-fp16"])
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 42, 42)).astype(np.float32)
+    ort_features = Pipeline.open(work).vision(pixels)
+    np.testing.assert_allclose(stage.run(pixel_values=pixels)["features"], ort_features, atol=5e-2)
