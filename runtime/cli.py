@@ -24,7 +24,8 @@ def _common(p) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-side", type=int, help="refuse frames larger than this many pixels on a side (default 4096)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"),
+                   help="tensorrt: plans from build-engines for vision/text/pool; tensorrt-llm: also the LLM")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
     p.add_argument("--precision", help="run the quantized stage variants (int8, fp8) made by `ppllava quantize`")
@@ -238,7 +239,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tokens", type=int, help="visual-token budget")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per question (end of text ignored)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"))
     p.add_argument("--providers", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--compare", choices=("torch", "int8", "fp8", "int4"),

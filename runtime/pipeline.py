@@ -26,6 +26,8 @@ from ppllava.runtime.sampling import Sampling, TokenSampler
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = ("video", "image")
+# onnxruntime everywhere; TensorRT plans for vision/text/pool (LLM in onnxruntime); and TensorRT-LLM too.
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
 
 
 @dataclass
@@ -65,10 +67,12 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None, precision: str | None = None):
+    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None, precision: str | None = None,
+                 backend: str = "onnxruntime"):
         self.manifest = manifest
         root = manifest.root
         self.precision = precision
+        self.trtllm = None
         names = ("vision", "text", "pool")
         quantized = {n for n in names if precision in manifest.stage(n).get("variants", {})}
         llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
@@ -76,8 +80,23 @@ class Pipeline:
             manifest.stage(n).get("precision") != precision for n in names
         ):
             raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
-        self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
-                       for n in names}
+        if backend in ("tensorrt", "tensorrt-llm"):
+            from ppllava.runtime.tensorrt_backend import TrtLLMDecoder, TrtStage
+
+            key = f"tensorrt-{precision or 'fp16'}"
+            missing = [n for n in names if key not in manifest.stage(n).get("variants", {})]
+            if missing:
+                raise EngineError(f"no {key} plans for {', '.join(missing)}: build them on this GPU with "
+                                  f"`ppllava build-engines {manifest.root} --precision {precision or 'fp16'}`")
+            self.stages = {n: TrtStage(root, manifest.stage(n)["variants"][key]) for n in names}
+            if backend == "tensorrt-llm":
+                if not (root / "trtllm_engine").is_dir():
+                    raise EngineError(f"no TensorRT-LLM engine in {root / 'trtllm_engine'}: run `ppllava build-engines "
+                                      f"{root} --llm-scheme SCHEME` on this GPU")
+                self.trtllm = TrtLLMDecoder(root / "trtllm_engine")
+        else:
+            self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
+                           for n in names}
         below = [n for n in quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
         if below:
             log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
@@ -111,9 +130,9 @@ class Pipeline:
              threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
              precision: str | None = None) -> "Pipeline":
         """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
-        if backend != "onnxruntime":
-            raise EngineError(f"backend {backend!r} is not available in this build (available: onnxruntime)")
-        pipe = cls(Manifest.load(engine_dir), providers, threads, precision)
+        if backend not in BACKENDS:
+            raise EngineError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
+        pipe = cls(Manifest.load(engine_dir), providers, threads, precision, backend)
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
 
@@ -337,6 +356,18 @@ class Pipeline:
         if embeds.shape[1] >= self.context:
             raise InputError(f"prompt of {embeds.shape[1]} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
         max_new_tokens = min(max_new_tokens, self.context - embeds.shape[1])
+        if self.trtllm is not None:
+            from ppllava.runtime.tensorrt_backend import prompt_table_inputs
+
+            t0 = time.perf_counter()
+            ids, table = prompt_table_inputs(input_ids, visual, self.image_token_id, self.embed_tokens.shape[0])
+            tokens = self.trtllm.generate(ids, table, max_new_tokens, min(self.eos_token_ids or {0}),
+                                          int(self.pad_token_id or 0))
+            timings.add("generate", time.perf_counter() - t0)
+            for token in tokens:
+                if on_token is not None:
+                    on_token(token)
+            return GenerationResult(tokens, timings, visual.shape[0])
         sampler = TokenSampler(sampling)
         tokens: list[int] = []
         t0 = time.perf_counter()

@@ -137,3 +137,22 @@ def test_fp16_engines_match_onnxruntime(engine, tmp_path):
     pixels = np.random.default_rng(0).standard_normal((4, 3, 42, 42)).astype(np.float32)
     ort_features = Pipeline.open(work).vision(pixels)
     np.testing.assert_allclose(stage.run(pixel_values=pixels)["features"], ort_features, atol=5e-2)
+
+
+def test_backend_selection_without_plans_is_one_line(engine, written_clip):
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "ask", str(engine), str(written_clip), "hi",
+                        "--backend", "tensorrt"], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "ppllava build-engines" in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def written_clip(tmp_path_factory):
+    import cv2
+
+    path = tmp_path_factory.mktemp("clip") / "c.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(12):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    return path
