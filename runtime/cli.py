@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from ppllava.errors import InputError
+from ppllava.runtime.pipeline import DEFAULT_MAX_NEW_TOKENS
+from ppllava.runtime.video import MAX_SIDE
 
 
 def _common(p) -> None:
@@ -18,12 +20,12 @@ def _common(p) -> None:
     p.add_argument("--start", type=float, help="window start in seconds")
     p.add_argument("--end", type=float, help="window end in seconds")
     p.add_argument("--tokens", type=int, help="visual-token budget (default: the checkpoint's pooling plan)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-side", type=int, help="refuse frames larger than this many pixels on a side (default 4096)")
+    p.add_argument("--max-side", type=int, help=f"refuse frames larger than this many pixels on a side (default {MAX_SIDE})")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"),
                    help="tensorrt: plans from build-engines for vision/text/pool; tensorrt-llm: also the LLM")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MEDIA_TYPES = ("video", "image")
 # onnxruntime everywhere; TensorRT plans for vision/text/pool (LLM in onnxruntime); and TensorRT-LLM too.
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -239,7 +240,7 @@ class Pipeline:
         if isinstance(video, np.ndarray):
             clip_frames, media_type = resize_frames(video, int(spec["size"])), "video"
         else:
-            clip = load_clip(video, frames, int(spec["size"]), start, end, max_side or MAX_SIDE)
+            clip = load_clip(video, frames, int(spec["size"]), start, end, MAX_SIDE if max_side is None else max_side)
             clip_frames, media_type = clip.frames, clip.media_type
         timings.add("decode_sample", time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -265,7 +266,7 @@ class Pipeline:
 
     def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,
             start: float | None = None, end: float | None = None, tokens: int | None = None,
-            max_new_tokens: int = 256, sampling: Sampling = Sampling(), max_side: int | None = None,
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: Sampling = Sampling(), max_side: int | None = None,
             on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Answer:
         """Answer ``question`` about ``video`` (a file path); ``history`` holds earlier (question,
         answer) turns. ``on_text`` receives the answer as it streams."""
@@ -324,7 +325,7 @@ class Pipeline:
         clip_ids,
         input_ids,
         clip_mask=None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         media_type: str = "video",
         plan: WindowPlan | None = None,
         sampling: Sampling = Sampling(),
