@@ -315,3 +315,12 @@ def test_seeking_reads_the_same_frames_as_decoding_everything(name):
     capture.release()
     assert indices == clip.indices
     np.testing.assert_array_equal(frames, clip.frames)
+
+
+def test_chat_drops_old_turns_when_the_context_fills(tiny_engines, written_video):
+    question = " ".join(["why"] * 28)  # ~112 byte-level tokens: two turns do not fit a 256-token context
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "chat", str(tiny_engines["qwen"]), str(written_video),
+                        "--max-new-tokens", "8"], input=f"{question}\n{question}\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dropped the oldest turn" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "visual tokens" in line]) == 2
