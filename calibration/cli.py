@@ -20,6 +20,12 @@ def cmd_calibrate(args) -> int:
         if not args.questions.is_file():
             raise InputError(f"--questions {args.questions} does not exist")
         questions = [q.strip() for q in args.questions.read_text().splitlines() if q.strip()]
+        if not questions:
+            raise InputError(f"--questions {args.questions} holds no questions")
+    if args.questions_per_video < 1:
+        raise InputError(f"--questions-per-video must be >= 1, got {args.questions_per_video}")
+    if args.frames is not None and args.frames < 1:
+        raise InputError(f"--frames must be >= 1, got {args.frames}")
     if not (args.engine_dir / "manifest.json").is_file():
         raise InputError(f"{args.engine_dir} is not an engine dir (calibration runs the runtime; export first)")
     videos = list_videos(args.videos)
@@ -52,7 +58,7 @@ def cmd_quantize(args) -> int:
         verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
         print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} (threshold {report['threshold_top1']}), "
               f"identical greedy answers {report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} "
-              f"held-out prompts — {verdict}; TensorRT-LLM checkpoint in {args.engine_dir / 'trtllm' / args.llm}")
+              f"held-out prompts — {verdict}; TensorRT-LLM checkpoint recorded in the manifest (llm.quantized.{args.llm})")
         return 0
     report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
                              args.precision, progress=_say, enforce_thresholds=not args.no_threshold)

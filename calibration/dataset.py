@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,11 +67,20 @@ def build_calibration_set(
         raise InputError("the questions file holds no questions")
     spec = pipe.manifest.data["preprocessing"]
     frames = frames or int(spec["default_frames"])
+    limit = int(pipe.manifest.dims["max_frames"])
+    if not 1 <= frames <= limit:
+        raise InputError(f"--frames must be between 1 and this engine's maximum of {limit}, got {frames}")
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / CALIB_JSON
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path} is not readable ({exc}); choose another --out") from None
     if meta and meta.get("engine") != engine_identity(pipe):
         raise PPLLaVAError(f"{out} holds a calibration set of another engine; choose another --out")
+    settings = {"frames": frames, "questions_per_video": questions_per_video}
+    if meta and {k: meta.get("settings", {}).get(k) for k in settings} != settings:
+        raise InputError(f"{out} was built with {meta.get('settings')}; resume with the same settings or choose another --out")
     entries, skipped = {e["shard"]: e for e in meta.get("videos", [])}, []
     q_index = 0
     for i, video in enumerate(videos):
@@ -107,13 +117,20 @@ def build_calibration_set(
         tmp.replace(out / shard)
         entries[shard] = {"shard": shard, "video": str(video), "digest": digest, "frames": int(features.shape[0]),
                           "media_type": clip.media_type, "questions": asked}
+        _write_meta(out, pipe, spec, settings, entries, skipped)  # after every shard: an interrupted run resumes
     if not entries:
         raise InputError(f"none of the {len(videos)} videos could be read ({skipped[0]['reason'] if skipped else ''})")
+    return _write_meta(out, pipe, spec, settings, entries, skipped)
+
+
+def _write_meta(out: Path, pipe: Pipeline, spec: dict, settings: dict, entries: dict, skipped: list) -> dict:
+    questions_per_video = settings["questions_per_video"]
     meta = {
         "engine": engine_identity(pipe),
-        "engine_dir": str(engine_dir),
+        "engine_dir": str(pipe.manifest.root),
         "source_fingerprint": pipe.manifest.data["source"]["fingerprint"],
-        "sampling": {"frames": frames, "method": spec.get("sampling", "segment_centres")},
+        "settings": settings,
+        "sampling": {"frames": settings["frames"], "method": spec.get("sampling", "segment_centres")},
         "questions_per_video": questions_per_video,
         "videos": sorted(entries.values(), key=lambda e: e["shard"]),
         "skipped": skipped,
@@ -121,7 +138,7 @@ def build_calibration_set(
     }
     tmp = out / f".{CALIB_JSON}.{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
+    tmp.replace(out / CALIB_JSON)
     return meta
 
 
@@ -129,9 +146,14 @@ def load_shards(calib_dir: Path) -> tuple[dict, list[dict[str, np.ndarray]]]:
     meta_path = calib_dir / CALIB_JSON
     if not meta_path.is_file():
         raise InputError(f"{calib_dir} is not a calibration set (no {CALIB_JSON}; create it with `ppllava calibrate`)")
-    meta = json.loads(meta_path.read_text())
-    shards = []
-    for entry in meta["videos"]:
-        with np.load(calib_dir / entry["shard"]) as data:
-            shards.append({k: data[k] for k in data.files})
+    try:
+        meta = json.loads(meta_path.read_text())
+        shards = []
+        for entry in meta["videos"]:
+            with np.load(calib_dir / entry["shard"]) as data:
+                shards.append({k: data[k] for k in data.files})
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{calib_dir} is damaged ({type(exc).__name__}: {exc}); rerun `ppllava calibrate`") from None
+    if not shards:
+        raise InputError(f"{calib_dir} holds no shards; rerun `ppllava calibrate`")
     return meta, shards

@@ -140,30 +140,30 @@ def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.in
     model_type = fp.config.model_type
     if model_type not in DECODER_TYPES:
         raise QuantizationError(f"no TensorRT-LLM decoder type for {model_type!r}")
-    target = engine_dir / "trtllm" / scheme
-    with tempfile.TemporaryDirectory(dir=engine_dir) as scratch:
+    target = engine_dir / "trtllm" / f"{scheme}.{os.urandom(3).hex()}"  # new name: the old stays valid until recorded
+    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.llmq-") as scratch:
         out = Path(scratch) / scheme
         with torch.inference_mode():
             export_tensorrt_llm_checkpoint(quant, decoder_type=DECODER_TYPES[model_type], dtype=torch.float16,
                                            export_dir=str(out), inference_tensor_parallel=1)
         target.parent.mkdir(exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
         out.rename(target)
-    _record(engine_dir, scheme, target, report)
+    old = _record(engine_dir, scheme, target, report)
+    if old is not None and old != target:
+        shutil.rmtree(old, ignore_errors=True)
     return report
 
 
 def _save_report(engine_dir: Path, scheme: str, report: dict) -> None:
-    path = engine_dir / QUANT_JSON
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("llm", {})[scheme] = report
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    from ppllava.calibration.quantize import update_report
+
+    update_report(engine_dir, ("llm", scheme), report)
 
 
 def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
     path = engine_dir / MANIFEST
     data = json.loads(path.read_text())
+    previous = data["llm"].get("quantized", {}).get(scheme)
     config = json.loads((target / "config.json").read_text())
     files = {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(target.iterdir()) if p.is_file()}
@@ -175,6 +175,7 @@ def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
     tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+    return engine_dir / previous["dir"] if previous else None
 
 
 ORT_PRECISIONS = ("int4", "int8")
@@ -199,9 +200,9 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
     prompts = [p.numpy() for p in _prompts(pipe, shards)]
     held_out = prompts[-max(1, len(prompts) // 5):]
-    target = engine_dir / f"llm_{precision}"
+    target = engine_dir / f"llm_{precision}.{os.urandom(3).hex()}"
     progress(f"building the {precision} ONNX LLM with onnxruntime-genai's builder")
-    with tempfile.TemporaryDirectory(dir=engine_dir) as scratch:
+    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.llmq-") as scratch:
         out = Path(scratch) / target.name
         build_onnx_llm(engine_dir / manifest.data["llm"]["hf_dir"], out, torch.float32, precision=precision)
         fp, quant = OrtDecoder(manifest.stage_path("llm")), OrtDecoder(out)
@@ -226,11 +227,10 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
             raise QuantizationError(
                 f"ort_{precision}: top-1 agreement {report['top1_agreement']:.3f} < {report['threshold_top1']}; not recorded"
             )
-        if target.exists():
-            shutil.rmtree(target)
         del fp, quant
         out.rename(target)
     data = json.loads((engine_dir / MANIFEST).read_text())
+    previous = data["stages"]["llm"].get("variants", {}).get(precision)
     data["stages"]["llm"].setdefault("variants", {})[precision] = {
         "dir": target.name, "precision": precision, "quantizer": "onnxruntime-genai builder (RTN weight-only)",
         "files": {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -240,6 +240,8 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(engine_dir / MANIFEST)
+    if previous and previous["dir"] != target.name:
+        shutil.rmtree(engine_dir / previous["dir"], ignore_errors=True)
     return report
 
 

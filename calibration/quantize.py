@@ -105,49 +105,75 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     except ImportError as exc:
         raise QuantizationError(f"NVIDIA ModelOpt is not installed ({exc}); pip install 'ppllava[quant]'") from None
 
-    files = {}
-    for stage in stages:
-        source = manifest.stage_path(stage)
-        target = engine_dir / f"{stage}.{precision}.onnx"
-        progress(f"quantizing {stage} ({precision}) on {len(_feeds(stage, calibrate))} calibration samples")
-        # ModelOpt writes next to its input (and was seen to rewrite the input file itself), so it
-        # works on a copy in a scratch directory; only the finished model enters the engine dir.
-        with tempfile.TemporaryDirectory(dir=engine_dir.parent) as scratch:
-            scratch = Path(scratch)
-            copy = scratch / source.name
-            shutil.copy2(source, copy)
-            data = source.with_suffix(".onnx.data")
-            if data.exists():
-                shutil.copy2(data, scratch / data.name)
-            logs = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
-                    moq.quantize(onnx_path=str(copy), quantize_mode=precision,
-                                 calibration_data_reader=_reader(_feeds(stage, calibrate)),
-                                 calibration_eps=["cpu"], output_path=str(scratch / target.name), log_level="ERROR",
-                                 high_precision_dtype="fp32")
-            except Exception as exc:  # ModelOpt raises many types; the first line says what failed
-                raise QuantizationError(
-                    f"ModelOpt could not quantize the {stage} stage: {str(exc).strip().splitlines()[0]}"
-                ) from exc
-            (scratch / target.name).replace(target)
-        files[stage] = target
-    report = _accuracy(manifest, files, held_out, precision)
-    worst = report["visual_tokens"]["cosine_min"]
-    report["below_threshold"] = worst < THRESHOLDS["visual_tokens_cosine"]
-    (engine_dir / QUANT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    if report["below_threshold"] and not enforce_thresholds:
-        log.warning("%s visual tokens reach cosine %.4f < %s: recorded anyway (--no-threshold), marked below threshold",
-                    precision, worst, THRESHOLDS["visual_tokens_cosine"])
-    elif report["below_threshold"]:
-        for path in files.values():
-            path.unlink()
-        raise QuantizationError(
-            f"{precision} visual tokens reach cosine {worst:.4f} < {THRESHOLDS['visual_tokens_cosine']} against the FP stages "
-            f"on held-out clips; not recorded (numbers in {engine_dir / QUANT_JSON})"
-        )
-    _record(engine_dir, files, precision, report)
+    if len(shards) < 2:
+        log.warning("only one calibration clip: the accuracy report is measured on the calibration data itself")
+    # Everything is built and judged in a scratch directory beside the engine dir; the engine dir
+    # changes only at the end (new files under new names, then the manifest, then the old files go),
+    # so a failure at any point leaves it exactly as it was.
+    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.quant-") as scratch:
+        scratch = Path(scratch)
+        built = {stage: _quantize_one(moq, manifest, stage, precision, calibrate, scratch, progress) for stage in stages}
+        report = _accuracy(manifest, built, held_out, precision)
+        worst = report["visual_tokens"]["cosine_min"]
+        report["below_threshold"] = worst < THRESHOLDS["visual_tokens_cosine"]
+        update_report(engine_dir, ("stages", precision), report)
+        if report["below_threshold"] and enforce_thresholds:
+            raise QuantizationError(
+                f"{precision} visual tokens reach cosine {worst:.4f} < {THRESHOLDS['visual_tokens_cosine']} against the FP "
+                f"stages on held-out clips; nothing recorded (numbers in {engine_dir / QUANT_JSON})"
+            )
+        if report["below_threshold"]:
+            log.warning("%s visual tokens reach cosine %.4f < %s: recorded anyway (--no-threshold), marked below threshold",
+                        precision, worst, THRESHOLDS["visual_tokens_cosine"])
+        tag = os.urandom(3).hex()
+        files = {}
+        for stage, path in built.items():
+            files[stage] = engine_dir / f"{stage}.{precision}.{tag}.onnx"
+            shutil.move(str(path), files[stage])
+    old = _record(engine_dir, files, precision, report)
+    for path in old:  # only after the manifest points at the new files
+        path.unlink(missing_ok=True)
     return report
+
+
+def _quantize_one(moq, manifest, stage: str, precision: str, calibrate: list[dict], scratch: Path, progress) -> Path:
+    """ModelOpt on a copy of the stage (it was seen to rewrite its input file) -> scratch/<stage>.q.onnx."""
+    source = manifest.stage_path(stage)
+    work = scratch / stage
+    work.mkdir()
+    copy = work / source.name
+    shutil.copy2(source, copy)
+    if source.with_suffix(".onnx.data").exists():
+        shutil.copy2(source.with_suffix(".onnx.data"), work / source.with_suffix(".onnx.data").name)
+    feeds = _feeds(stage, calibrate)
+    if not feeds:
+        raise InputError(f"the calibration set has no samples for the {stage} stage")
+    progress(f"quantizing {stage} ({precision}) on {len(feeds)} calibration samples")
+    output = work / f"{stage}.q.onnx"
+    logs = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
+            moq.quantize(onnx_path=str(copy), quantize_mode=precision, calibration_data_reader=_reader(feeds),
+                         calibration_eps=["cpu"], output_path=str(output), log_level="ERROR",
+                         high_precision_dtype="fp32")
+    except Exception as exc:  # ModelOpt raises many types; the first line says what failed
+        raise QuantizationError(f"ModelOpt could not quantize the {stage} stage: {str(exc).strip().splitlines()[0]}") from exc
+    return output
+
+
+def update_report(engine_dir: Path, keys: tuple[str, str], report: dict) -> None:
+    """Merge one report into quant.json ({"stages": {precision: ...}, "llm": {scheme: ...}}), atomically."""
+    path = engine_dir / QUANT_JSON
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or not set(data) <= {"stages", "llm"}:
+        data = {}  # an older single-report file
+    data.setdefault(keys[0], {})[keys[1]] = report
+    tmp = engine_dir / f".{QUANT_JSON}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], precision: str) -> dict:
@@ -177,11 +203,16 @@ def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], 
     return report
 
 
-def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict) -> None:
-    """Add the quantized files to the manifest as stage variants (atomic rewrite)."""
+def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict) -> list[Path]:
+    """Add the quantized files to the manifest as stage variants (atomic rewrite); returns the files
+    of the variants they replace."""
     path = engine_dir / MANIFEST
     data = json.loads(path.read_text())
+    old = []
     for stage, file in files.items():
+        previous = data["stages"][stage].get("variants", {}).get(precision)
+        if previous and previous["file"] != file.name:
+            old.append(engine_dir / previous["file"])
         data["stages"][stage].setdefault("variants", {})[precision] = {
             "file": file.name, "precision": precision, "quantizer": "nvidia-modelopt onnx ptq",
             "files": {file.name: {"bytes": file.stat().st_size, "sha256": sha256_file(file)}},
@@ -191,3 +222,4 @@ def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: di
     tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+    return old

@@ -92,17 +92,24 @@ def test_int8_stages(setup):
     before = (work / "vision.onnx").read_bytes()
     report = quantize_stages(work, calib, ["vision", "text", "pool"], "int8", progress=lambda _: None)
     assert (work / "vision.onnx").read_bytes() == before  # the FP stage is untouched
-    for stage in ("vision", "text", "pool"):
-        ops = [n.op_type for n in onnx.load(str(work / f"{stage}.int8.onnx")).graph.node]
-        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, stage
     manifest = Manifest.load(work)
+    for stage in ("vision", "text", "pool"):
+        ops = [n.op_type for n in onnx.load(str(manifest.stage_path(stage, "int8"))).graph.node]
+        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, stage
     manifest.check_files(verify_checksums=True)
     assert manifest.stage("vision")["variants"]["int8"]["precision"] == "int8"
-    saved = json.loads((work / "quant.json").read_text())
+    saved = json.loads((work / "quant.json").read_text())["stages"]["int8"]
     assert saved["visual_tokens"]["cosine_min"] == report["visual_tokens"]["cosine_min"] >= 0.99
     assert 0.99 <= report["features"]["cosine_mean"] <= 1.0 and report["features"]["max_abs_error"] > 0
     pipe = Pipeline.open(work, precision="int8")
-    assert pipe.stages["vision"].path.name == "vision.int8.onnx"
+    assert pipe.stages["vision"].path == manifest.stage_path("vision", "int8")
+    # quantizing again replaces the variant: new files recorded, the old ones removed, nothing else left
+    first = manifest.stage_path("vision", "int8")
+    quantize_stages(work, calib, ["vision"], "int8", progress=lambda _: None)
+    again = Manifest.load(work)
+    again.check_files(verify_checksums=True)
+    assert again.stage_path("vision", "int8") != first and not first.exists()
+    assert sorted(p.name for p in work.parent.iterdir() if p.name.startswith(".engine_q")) == []
     shards = load_shards(calib)[1]
     assert pipe.vision(shards[0]["pixel_values"]).shape == shards[0]["features"].shape
 
@@ -119,7 +126,8 @@ def test_threshold_fails_loudly_and_records_nothing(setup, monkeypatch):
     monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", 1.01)
     with pytest.raises(quantize.QuantizationError, match="cosine .* < 1.01"):
         quantize.quantize_stages(work, calib, ["pool"], "int8", progress=lambda _: None)
-    assert "variants" not in Manifest.load(work).stage("pool") and not (work / "pool.int8.onnx").exists()
+    assert "variants" not in Manifest.load(work).stage("pool") and not list(work.glob("pool.int8*"))
+    assert json.loads((work / "quant.json").read_text())["stages"]["int8"]["below_threshold"] is True
 
 
 def test_quantize_bad_inputs(setup, tmp_path, tiny_dirs):
@@ -166,10 +174,11 @@ def test_llm_tensorrt_llm_checkpoint(setup, scheme):
     report = quantize_llm(work, calib, scheme, progress=lambda _: None, enforce_thresholds=False)
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["held_out_prompts"] >= 1
     algo, dtype, extra = EXPECTED_LAYOUT[scheme]
-    config = json.loads((work / "trtllm" / scheme / "config.json").read_text())
+    recorded_dir = work / Manifest.load(work).data["llm"]["quantized"][scheme]["dir"]
+    config = json.loads((recorded_dir / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == algo
     assert config["architecture"] == "LlamaForCausalLM" and config["num_hidden_layers"] == 2
-    with safe_open(str(work / "trtllm" / scheme / "rank0.safetensors"), "pt") as f:
+    with safe_open(str(recorded_dir / "rank0.safetensors"), "pt") as f:
         names = set(f.keys())
         assert str(f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype) == dtype
     assert f"transformer.layers.0.mlp.fc.{extra}" in names
@@ -199,7 +208,8 @@ def test_llm_threshold_fails_loudly(setup):
             quantize_llm(work, calib, "int8_wo", progress=lambda _: None)
     finally:
         llm_quant.TOP1_THRESHOLDS.update(original)
-    assert not (work / "trtllm").exists() and "quantized" not in Manifest.load(work).data["llm"]
+    assert not list((work / "trtllm").glob("*")) if (work / "trtllm").exists() else True
+    assert "quantized" not in Manifest.load(work).data["llm"]
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
@@ -215,12 +225,39 @@ def test_onnxruntime_genai_weight_only_llm(setup, precision):
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens_per_prompt"] == 16
     manifest = Manifest.load(work)
     manifest.check_files(verify_checksums=True)
-    assert manifest.stage("llm")["variants"][precision]["dir"] == f"llm_{precision}"
-    ops = [n.op_type for n in onnx.load(str(work / f"llm_{precision}" / "model.onnx"), load_external_data=False).graph.node]
+    llm_dir = manifest.stage_path("llm", precision)
+    assert llm_dir.name.startswith(f"llm_{precision}")
+    ops = [n.op_type for n in onnx.load(str(llm_dir / "model.onnx"), load_external_data=False).graph.node]
     assert "MatMulNBits" in ops  # weight-only quantized matmuls
     pipe = Pipeline.open(work, precision=precision)
-    assert pipe.decoder.session._model_path.endswith(f"llm_{precision}/model.onnx")
+    assert pipe.decoder.session._model_path == str(llm_dir / "model.onnx")
     shard = load_shards(calib)[1][0]
     out = pipe.generate_ids(shard["pixel_values"], shard["clip_ids_0"], shard["prompt_ids_0"], shard["clip_mask_0"],
                             max_new_tokens=4)
     assert 1 <= len(out.token_ids) <= 4
+
+
+def test_interrupted_calibration_resumes(setup, tmp_path, monkeypatch):
+    import ppllava.calibration.dataset as dataset
+
+    engine, videos, _, _ = setup
+    calls = {"n": 0}
+    real = dataset.normalise
+
+    def stop_after_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "normalise", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_calibration_set(engine, list_videos(videos), tmp_path / "c", progress=lambda _: None)
+    assert json.loads((tmp_path / "c" / "calib.json").read_text())["counts"]["videos"] == 2
+    monkeypatch.setattr(dataset, "normalise", real)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("shard-*.npz")}
+    meta = build_calibration_set(engine, list_videos(videos), tmp_path / "c", progress=lambda _: None)
+    assert meta["counts"]["videos"] == 4
+    assert all((tmp_path / "c" / name).stat().st_mtime_ns == t for name, t in stamps.items())  # kept, not redone
+    with pytest.raises(InputError, match="same settings"):
+        build_calibration_set(engine, list_videos(videos), tmp_path / "c", frames=4, progress=lambda _: None)
