@@ -68,6 +68,8 @@ def cmd_verify(args) -> int:
 def cmd_build_engines(args) -> int:
     from ppllava.export import tensorrt
 
+    if not args.workspace > 0:
+        raise PPLLaVAError(f"--workspace must be > 0 GiB, got {args.workspace}")
     steps = tensorrt.build_plan(args.engine_dir, args.precision, args.max_frames, args.workspace)
     command = None
     if args.llm_scheme or args.dry_run:

@@ -110,19 +110,15 @@ def _trt():
 
 
 def gpu_identity() -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (for the manifest and the
-    runtime's stale-plan check)."""
-    trt = _trt()
-    try:
-        import torch
+    """TensorRT version, GPU name and compute capability (the same function the runtime uses to
+    refuse stale plans, so both sides always agree)."""
+    _trt()
+    from ppllava.runtime.tensorrt_backend import current_identity
 
-        if not torch.cuda.is_available():
-            raise BuildError("no CUDA GPU is visible: TensorRT engines are built on the target GPU")
-        props = torch.cuda.get_device_properties(0)
-        gpu, cc = props.name, f"{props.major}.{props.minor}"
-    except ImportError:
-        gpu, cc = "unknown", "unknown"
-    return {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc}
+    try:
+        return current_identity()
+    except PPLLaVAError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def build_engine(step: BuildStep, timing_cache: Path) -> None:
@@ -130,7 +126,10 @@ def build_engine(step: BuildStep, timing_cache: Path) -> None:
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 10 networks are always explicit-batch (flag 0); 8.x (JetPack 5/6.0) must ask for it.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(step.onnx)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -142,33 +141,49 @@ def build_engine(step: BuildStep, timing_cache: Path) -> None:
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in step.profile.shapes.items():
         profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildError(f"TensorRT rejected the optimisation profile of {step.stage}: {step.profile.shapes}")
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("the timing cache %s does not match this TensorRT/GPU; starting a new one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"TensorRT failed to build {step.stage} (see its messages above)")
-    tmp = step.plan.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(step.plan)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    step.plan.write_bytes(bytes(serialized))  # a new, unrecorded name (see build_engines)
+    tmp = timing_cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    tmp.replace(timing_cache)
 
 
 def build_engines(engine_dir: Path, precision: str = "fp16", max_frames: int | None = None,
                   workspace_gb: float = 4.0, report=log.info) -> list[BuildStep]:
     steps = build_plan(engine_dir, precision, max_frames, workspace_gb)
     identity = gpu_identity()
-    for step in steps:
-        report(f"building {step.plan.name} (TensorRT {identity['tensorrt']}, {identity['gpu']})")
-        build_engine(step, engine_dir / "timing.cache")
-    _record(engine_dir, steps, identity)
+    tag = os.urandom(3).hex()
+    try:
+        for step in steps:
+            # New names: the recorded plans stay valid until the manifest points at the new ones.
+            step.plan = step.plan.with_name(f"{step.plan.stem}.{tag}.plan")
+            report(f"building {step.plan.name} (TensorRT {identity['tensorrt']}, {identity['gpu']})")
+            build_engine(step, engine_dir / "timing.cache")
+    except BaseException:
+        for step in steps:
+            step.plan.unlink(missing_ok=True)
+        raise
+    for old in _record(engine_dir, steps, identity):
+        old.unlink(missing_ok=True)
     return steps
 
 
-def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> None:
+def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> list[Path]:
     path = engine_dir / MANIFEST
     data = json.loads(path.read_text())
+    old = []
     for step in steps:
+        previous = data["stages"][step.stage].get("variants", {}).get(f"tensorrt-{step.precision}")
+        if previous:
+            old.append(engine_dir / previous["file"])
         data["stages"][step.stage].setdefault("variants", {})[f"tensorrt-{step.precision}"] = {
             "file": step.plan.name, "backend": "tensorrt", "precision": step.precision, **identity,
             "profile": {k: [list(s) for s in v] for k, v in step.profile.shapes.items()},
@@ -177,6 +192,7 @@ def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> None:
     tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+    return old
 
 
 # ------------------------------------------------------------------------------ TensorRT-LLM
@@ -197,11 +213,14 @@ def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path,
         entry = data["llm"].get("quantized", {}).get(scheme)
         if entry is None:
             raise BuildError(f"no {scheme} TensorRT-LLM checkpoint; run `ppllava quantize --llm {scheme}` first")
+        if entry.get("below_threshold"):
+            log.warning("the %s checkpoint was recorded below its accuracy threshold (see quant.json)", scheme)
         checkpoint = engine_dir / entry["dir"]
         note = None
-    max_visual = max_visual_tokens(manifest)
+    # The pool stage can emit up to K_max tokens (any --tokens budget), so the table must hold that.
+    max_visual = int(manifest.stage("pool")["dynamic"]["K"]["max"])
     context = int(manifest.dims["llm_context"])
-    max_input = min(context, max_visual + max_question_tokens)
+    max_input = min(context - 1, max_visual + max_question_tokens)  # leave room to generate
     args = [
         "trtllm-build", "--checkpoint_dir", str(checkpoint), "--output_dir", str(output_dir),
         "--max_batch_size", str(max_batch), "--max_input_len", str(max_input), "--max_seq_len", str(context),

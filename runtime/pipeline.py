@@ -362,7 +362,7 @@ class Pipeline:
 
             t0 = time.perf_counter()
             ids, table = prompt_table_inputs(input_ids, visual, self.image_token_id, self.embed_tokens.shape[0])
-            tokens = self.trtllm.generate(ids, table, max_new_tokens, min(self.eos_token_ids or {0}),
+            tokens = self.trtllm.generate(ids, table, max_new_tokens, set(self.eos_token_ids),
                                           int(self.pad_token_id or 0))
             timings.add("generate", time.perf_counter() - t0)
             for token in tokens:

@@ -29,13 +29,14 @@ def current_identity() -> dict:
     except ImportError:
         raise BackendError("TensorRT is not installed here (backend 'tensorrt')") from None
     try:
-        from cuda import cudart  # cuda-python, shipped beside TensorRT
-
-        _, props = cudart.cudaGetDeviceProperties(0)
-        gpu, cc = props.name.decode().rstrip("\x00"), f"{props.major}.{props.minor}"
+        from cuda import cudart  # cuda-python, installed beside TensorRT
     except ImportError:
-        gpu, cc = "unknown", "unknown"
-    return {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc}
+        raise BackendError("cuda-python is not installed (pip install cuda-python): it identifies the GPU") from None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise BackendError(f"no usable CUDA GPU (cudaGetDeviceProperties failed: {err})")
+    gpu = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": f"{props.major}.{props.minor}"}
 
 
 class TrtStage:
@@ -88,12 +89,17 @@ class TrtLLMDecoder:
             raise BackendError("TensorRT-LLM is not installed here (backend 'tensorrt-llm')") from None
         self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir))
 
-    def generate(self, ids: np.ndarray, table: np.ndarray, max_new_tokens: int, end_id: int, pad_id: int,
+    def generate(self, ids: np.ndarray, table: np.ndarray, max_new_tokens: int, end_ids: set[int], pad_id: int,
                  on_token=None) -> list[int]:
+        """Greedy generation (not streamed yet); the other end-of-sequence ids act as stop words."""
         import torch  # TensorRT-LLM's runtime is torch-based; only this backend imports it
 
+        end_id = min(end_ids) if end_ids else pad_id
+        stops = [[[t] for t in sorted(end_ids - {end_id})]] if len(end_ids) > 1 else None
         outputs = self.runner.generate(
             batch_input_ids=[torch.from_numpy(ids[0]).int()], prompt_table=torch.from_numpy(table).half()[None],
-            prompt_tasks="0", max_new_tokens=max_new_tokens, end_id=end_id, pad_id=pad_id, streaming=False,
+            prompt_tasks="0", max_new_tokens=max_new_tokens, end_id=end_id, pad_id=pad_id, stop_words_list=stops,
+            streaming=False, return_dict=True, output_sequence_lengths=True,
         )
-        return outputs[0, 0, ids.shape[1]:].tolist()
+        length = int(outputs["sequence_lengths"][0, 0])
+        return outputs["output_ids"][0, 0, ids.shape[1]:length].tolist()

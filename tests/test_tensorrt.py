@@ -72,13 +72,15 @@ def test_trtllm_build_command(engine, tmp_path):
     data = json.loads((work / "manifest.json").read_text())
     data["llm"]["quantized"] = {"int8_sq": {"dir": "trtllm/int8_sq"}}
     (work / "manifest.json").write_text(json.dumps(data))
-    visual = max_visual_tokens(Manifest.load(work))
-    assert visual == 16  # 8 frames of a 6x6 grid with (2,3,3) windows
+    assert max_visual_tokens(Manifest.load(work)) == 16  # default plan: 8 frames of 6x6 with (2,3,3) windows
+    visual = Manifest.load(work).stage("pool")["dynamic"]["K"]["max"]
+    assert visual == 288  # but any --tokens budget up to every token (8 x 36) can reach the LLM
     args = trtllm_build_command(work, "int8_sq", tmp_path / "out", max_batch=2)
     value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
     assert value("--checkpoint_dir").endswith("trtllm/int8_sq") and value("--max_batch_size") == "2"
     assert value("--max_prompt_embedding_table_size") == str(visual * 2)
     assert value("--max_seq_len") == "256" and value("--gemm_plugin") == "auto"
+    assert int(value("--max_input_len")) < 256  # room to generate
     jetson = trtllm_build_command(work, "int8_sq", tmp_path / "out", release="jetson-v0.12")
     assert jetson[jetson.index("--gemm_plugin") + 1] == "float16" and "--gpt_attention_plugin" in jetson
 
