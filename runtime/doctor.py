@@ -66,7 +66,8 @@ def memory_estimate(engine_dir: Path) -> dict:
     llm_dir = engine_dir / "llm" / "genai_config.json"
     if llm_dir.is_file():
         dec = json.loads(llm_dir.read_text())["model"]["decoder"]
-        kv = dec["num_hidden_layers"] * 2 * dec["num_key_value_heads"] * dec["head_size"] * dims["llm_context"] * itemsize
+        kv_itemsize = 4 if manifest.stage("llm").get("precision") == "fp32" else 2
+        kv = dec["num_hidden_layers"] * 2 * dec["num_key_value_heads"] * dec["head_size"] * dims["llm_context"] * kv_itemsize
     return {"weights": weights, "activations": activations, "kv_cache": kv, "total": weights + activations + kv}
 
 

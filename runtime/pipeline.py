@@ -108,7 +108,8 @@ class Pipeline:
             from ppllava.runtime.tensors import map_safetensors
 
             llm_precision = precision if precision in manifest.stage("llm").get("variants", {}) else None
-            self.decoder = OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
+            if backend != "tensorrt-llm":  # TensorRT-LLM runs the LLM itself: do not hold a second copy
+                self.decoder = OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
             # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
             extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
             self.embed_tokens = extras["embed_tokens"]
@@ -334,7 +335,7 @@ class Pipeline:
         ignore_eos: bool = False,
     ) -> GenerationResult:
         """Pre-processed inputs -> new token ids (greedy unless ``sampling`` says otherwise)."""
-        if self.decoder is None:
+        if self.decoder is None and self.trtllm is None:
             raise EngineError(f"{self.manifest.root} was exported without an LLM (--llm none)")
         if media_type not in MEDIA_TYPES:
             raise InputError(f"media_type must be one of {MEDIA_TYPES}, got {media_type!r}")
