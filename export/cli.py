@@ -89,13 +89,8 @@ def cmd_build_engines(args) -> int:
             print("then the LLM:\n    " + tensorrt.format_command(command))
         return 0
     tensorrt.build_engines(args.engine_dir, args.precision, args.max_frames, args.workspace, report=_say)
-    if command:
-        import subprocess
-
-        _say("$ " + tensorrt.format_command(command))
-        result = subprocess.run(command)
-        if result.returncode != 0:
-            raise PPLLaVAError(f"trtllm-build failed with exit code {result.returncode} (its output is above)")
+    if command and args.llm_scheme:
+        tensorrt.run_trtllm_build(args.engine_dir, args.llm_scheme, command, report=_say)
     return 0
 
 

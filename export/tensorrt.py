@@ -207,7 +207,7 @@ def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path,
     manifest = Manifest.load(engine_dir)
     data = manifest.data
     if scheme is None:
-        checkpoint = engine_dir / "trtllm" / "fp16"
+        checkpoint = engine_dir / "trtllm" / "fp16"  # placeholder path for the dry run
         note = "fp16 checkpoint: convert llm_hf/ first (TensorRT-LLM's convert_checkpoint.py for the model family)"
     else:
         entry = data["llm"].get("quantized", {}).get(scheme)
@@ -235,6 +235,38 @@ def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path,
     if note:
         log.warning(note)
     return args
+
+
+def run_trtllm_build(engine_dir: Path, scheme: str, command: list[str], report=log.info) -> Path:
+    """Run trtllm-build into a scratch dir, then move the engine in and record it in the manifest."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.trtllm-") as scratch:
+        out = Path(scratch) / "engine"
+        args = list(command)
+        args[args.index("--output_dir") + 1] = str(out)
+        report("$ " + format_command(args))
+        try:
+            result = subprocess.run(args)
+        except FileNotFoundError:
+            raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM on this GPU machine") from None
+        if result.returncode != 0:
+            raise BuildError(f"trtllm-build failed with exit code {result.returncode} (its output is above)")
+        target = engine_dir / f"trtllm_engine.{os.urandom(3).hex()}"
+        out.rename(target)
+    path = engine_dir / MANIFEST
+    data = json.loads(path.read_text())
+    previous = data["llm"].get("tensorrt_llm_engine")
+    data["llm"]["tensorrt_llm_engine"] = {"dir": target.name, "scheme": scheme, **gpu_identity()}
+    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    if previous and previous["dir"] != target.name:
+        import shutil
+
+        shutil.rmtree(engine_dir / previous["dir"], ignore_errors=True)
+    return target
 
 
 def max_visual_tokens(manifest: Manifest) -> int:

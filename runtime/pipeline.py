@@ -74,6 +74,7 @@ class Pipeline:
         root = manifest.root
         self.precision = precision
         self.trtllm = None
+        self.max_frames = int(manifest.dims["max_frames"])
         names = ("vision", "text", "pool")
         quantized = {n for n in names if precision in manifest.stage(n).get("variants", {})}
         llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
@@ -90,11 +91,16 @@ class Pipeline:
                 raise EngineError(f"no {key} plans for {', '.join(missing)}: build them on this GPU with "
                                   f"`ppllava build-engines {manifest.root} --precision {precision or 'fp16'}`")
             self.stages = {n: TrtStage(root, manifest.stage(n)["variants"][key]) for n in names}
+            # a plan's profile may cover fewer frames than the export (build-engines --max-frames)
+            profile = manifest.stage("vision")["variants"][key].get("profile", {}).get("pixel_values")
+            if profile:
+                self.max_frames = min(self.max_frames, int(profile[2][0]))
             if backend == "tensorrt-llm":
-                if not (root / "trtllm_engine").is_dir():
-                    raise EngineError(f"no TensorRT-LLM engine in {root / 'trtllm_engine'}: run `ppllava build-engines "
-                                      f"{root} --llm-scheme SCHEME` on this GPU")
-                self.trtllm = TrtLLMDecoder(root / "trtllm_engine")
+                built = manifest.data["llm"].get("tensorrt_llm_engine")
+                if not built or not (root / built["dir"]).is_dir():
+                    raise EngineError(f"no TensorRT-LLM engine recorded in {root}: run `ppllava build-engines {root} "
+                                      "--llm-scheme SCHEME` on this GPU")
+                self.trtllm = TrtLLMDecoder(root / built["dir"])
         else:
             self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
                            for n in names}
@@ -223,7 +229,7 @@ class Pipeline:
         timings = timings or Timings()
         spec = self.manifest.data["preprocessing"]
         frames = frames or int(spec["default_frames"])
-        limit = int(self.manifest.dims["max_frames"])
+        limit = self.max_frames
         if frames > limit:
             raise InputError(f"--frames {frames} exceeds this engine's maximum of {limit} (export --max-frames)")
         if isinstance(video, np.ndarray):
@@ -343,7 +349,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if features is None:
             pixel_values = np.asarray(pixel_values, dtype=np.float32)
-            limit = int(self.manifest.dims["max_frames"])
+            limit = self.max_frames
             if pixel_values.ndim != 4 or not 1 <= pixel_values.shape[0] <= limit:
                 raise InputError(f"pixel_values must be (T, 3, S, S) with 1 <= T <= {limit}, got {pixel_values.shape}")
             features = self.vision(pixel_values)

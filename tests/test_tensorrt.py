@@ -158,3 +158,33 @@ def written_clip(tmp_path_factory):
         writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
     writer.release()
     return path
+
+
+def test_trtllm_build_is_published_and_recorded(engine, tmp_path, monkeypatch):
+    # A stand-in trtllm-build (the real one needs a GPU): checks the engine lands atomically and is recorded.
+    import os
+    import shutil
+
+    import ppllava.export.tensorrt as trt_export
+
+    work = tmp_path / "e"
+    shutil.copytree(engine, work)
+    fake = tmp_path / "bin" / "trtllm-build"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--output_dir" ]; do shift; done\nmkdir -p "$2" && echo ok > "$2/rank0.engine"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(trt_export, "gpu_identity", lambda: {"tensorrt": "10.3", "gpu": "test", "compute_capability": "8.7"})
+    data = json.loads((work / "manifest.json").read_text())
+    data["llm"]["quantized"] = {"int8_wo": {"dir": "trtllm/int8_wo"}}
+    (work / "manifest.json").write_text(json.dumps(data))
+    command = trtllm_build_command(work, "int8_wo", work / "trtllm_engine")
+    first = trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
+    second = trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
+    recorded = Manifest.load(work).data["llm"]["tensorrt_llm_engine"]
+    assert recorded["dir"] == second.name and (second / "rank0.engine").is_file() and not first.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.trtllm-")]
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(BuildError, match="exit code 3"):
+        trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
+    assert Manifest.load(work).data["llm"]["tensorrt_llm_engine"]["dir"] == second.name
