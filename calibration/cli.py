@@ -37,6 +37,10 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _verdict(report: dict) -> str:
+    return "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+
+
 def cmd_quantize(args) -> int:
     from ppllava.calibration.quantize import quantize_stages
 
@@ -45,20 +49,15 @@ def cmd_quantize(args) -> int:
     if args.llm:
         from ppllava.calibration.llm_quant import quantize_llm, quantize_ort_llm
 
-        if args.llm.startswith("ort_"):
-            report = quantize_ort_llm(args.engine_dir, args.calib, args.llm.removeprefix("ort_"), progress=_say,
-                                      enforce_thresholds=not args.no_threshold)
-            verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
-            print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f}, identical greedy answers "
-                  f"{report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} held-out prompts — {verdict}; "
-                  f"use it with --precision {args.llm.removeprefix('ort_')}")
-            return 0
-        report = quantize_llm(args.engine_dir, args.calib, args.llm, progress=_say,
-                              enforce_thresholds=not args.no_threshold)
-        verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+        ort = args.llm.startswith("ort_")
+        quantize = quantize_ort_llm if ort else quantize_llm
+        report = quantize(args.engine_dir, args.calib, args.llm.removeprefix("ort_") if ort else args.llm,
+                          progress=_say, enforce_thresholds=not args.no_threshold)
+        where = (f"use it with --precision {args.llm.removeprefix('ort_')}" if ort
+                 else f"TensorRT-LLM checkpoint recorded in the manifest (llm.quantized.{args.llm})")
         print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} (threshold {report['threshold_top1']}), "
               f"identical greedy answers {report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} "
-              f"held-out prompts — {verdict}; TensorRT-LLM checkpoint recorded in the manifest (llm.quantized.{args.llm})")
+              f"held-out prompts — {_verdict(report)}; {where}")
         return 0
     report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
                              args.precision, progress=_say, enforce_thresholds=not args.no_threshold)
@@ -67,7 +66,7 @@ def cmd_quantize(args) -> int:
     for name in ("features", "text_embedding", "visual_tokens"):
         r = report[name]
         print(f"{name:<16} {r['cosine_mean']:>12.5f} {r['cosine_min']:>11.5f} {r['max_abs_error']:>12.4g}")
-    verdict = "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
+    verdict = _verdict(report)
     print(f"threshold: visual-token cosine >= {report['thresholds']['visual_tokens_cosine']} — {verdict}")
     return 0
 
