@@ -23,7 +23,7 @@ import torch
 from ppllava.calibration.dataset import load_shards
 from ppllava.calibration.quantize import QUANT_JSON, QuantizationError
 from ppllava.errors import InputError
-from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
 from ppllava.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,13 @@ def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
     data = json.loads(path.read_text())
     previous = data["llm"].get("quantized", {}).get(scheme)
     config = json.loads((target / "config.json").read_text())
-    files = {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(target.iterdir()) if p.is_file()}
+    files = file_records(engine_dir, sorted(target.iterdir()))
     data["llm"].setdefault("quantized", {})[scheme] = {
         "dir": str(target.relative_to(engine_dir)), "format": "tensorrt-llm checkpoint",
         "quantization": config.get("quantization"), "files": files,
         "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
     }
-    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
     return engine_dir / previous["dir"] if previous else None
 
 
@@ -233,13 +230,10 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     previous = data["stages"]["llm"].get("variants", {}).get(precision)
     data["stages"]["llm"].setdefault("variants", {})[precision] = {
         "dir": target.name, "precision": precision, "quantizer": "onnxruntime-genai builder (RTN weight-only)",
-        "files": {str(p.relative_to(engine_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                  for p in sorted(target.iterdir()) if p.is_file()},
+        "files": file_records(engine_dir, sorted(target.iterdir())),
         "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
     }
-    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(engine_dir / MANIFEST)
+    write_json_atomic(engine_dir / MANIFEST, data)
     if previous and previous["dir"] != target.name:
         shutil.rmtree(engine_dir / previous["dir"], ignore_errors=True)
     return report

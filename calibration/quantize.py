@@ -22,7 +22,7 @@ import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
 from ppllava.runtime.backends import OrtStage
-from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
 
 from ppllava.calibration.dataset import load_shards
 
@@ -171,9 +171,7 @@ def update_report(engine_dir: Path, keys: tuple[str, str], report: dict) -> None
     if not isinstance(data, dict) or not set(data) <= {"stages", "llm"}:
         data = {}  # an older single-report file
     data.setdefault(keys[0], {})[keys[1]] = report
-    tmp = engine_dir / f".{QUANT_JSON}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
 
 
 def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], precision: str) -> dict:
@@ -215,11 +213,9 @@ def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: di
             old.append(engine_dir / previous["file"])
         data["stages"][stage].setdefault("variants", {})[precision] = {
             "file": file.name, "precision": precision, "quantizer": "nvidia-modelopt onnx ptq",
-            "files": {file.name: {"bytes": file.stat().st_size, "sha256": sha256_file(file)}},
+            "files": file_records(engine_dir, [file]),
             "visual_tokens_cosine_min": report["visual_tokens"]["cosine_min"],
             "below_threshold": report["below_threshold"],
         }
-    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
     return old

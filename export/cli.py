@@ -5,7 +5,6 @@ Importing this module is cheap (no torch): the dispatcher builds every subcomman
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

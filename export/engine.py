@@ -28,7 +28,7 @@ from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
 from ppllava.export.verify import VerificationError
 from ppllava.model import PPLLaVA
-from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,7 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _files(root: Path, paths: list[Path]) -> dict[str, dict]:
-    """relative path -> size and sha256, for the runtime's integrity check."""
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths if p.is_file()}
+_files = file_records
 
 
 def _preprocessing(checkpoint: Path, model: PPLLaVA, default_frames: int) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ppllava.errors import PPLLaVAError
-from ppllava.runtime.manifest import MANIFEST, Manifest, sha256_file
+from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,9 @@ def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> list[Pa
         data["stages"][step.stage].setdefault("variants", {})[f"tensorrt-{step.precision}"] = {
             "file": step.plan.name, "backend": "tensorrt", "precision": step.precision, **identity,
             "profile": {k: [list(s) for s in v] for k, v in step.profile.shapes.items()},
-            "files": {step.plan.name: {"bytes": step.plan.stat().st_size, "sha256": sha256_file(step.plan)}},
+            "files": file_records(engine_dir, [step.plan]),
         }
-    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
     return old
 
 
@@ -259,9 +257,7 @@ def run_trtllm_build(engine_dir: Path, scheme: str, command: list[str], report=l
     data = json.loads(path.read_text())
     previous = data["llm"].get("tensorrt_llm_engine")
     data["llm"]["tensorrt_llm_engine"] = {"dir": target.name, "scheme": scheme, **gpu_identity()}
-    tmp = engine_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
     if previous and previous["dir"] != target.name:
         import shutil
 

@@ -3,7 +3,6 @@ imports the PyTorch reference lazily, and only then)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

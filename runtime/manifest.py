@@ -35,6 +35,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_records(root: Path, paths) -> dict[str, dict]:
+    """relative path -> {bytes, sha256} for the manifest's integrity checks."""
+    return {str(Path(p).relative_to(root)): {"bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))}
+            for p in paths if Path(p).is_file()}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON beside ``path`` and rename over it: readers see the old or the new file, never half."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _plan(spec: dict[str, Any] | None) -> WindowPlan:
     spec = spec or {}
     as_tuple = lambda v: None if v is None else tuple(int(x) for x in v)  # noqa: E731

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from ppllava import PPLLaVA
 from ppllava.errors import PPLLaVAError
 from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.plan import WindowPlan
