@@ -25,7 +25,8 @@ def cmd_export(args) -> int:
     options = ExportOptions(
         checkpoint=args.checkpoint, out=args.out, dtype=args.dtype, max_frames=args.max_frames, llm=args.llm,
         force=args.force, alignment_config=args.alignment_config, alignment_dir=args.alignment_dir,
-        template=args.template, verify=not args.no_verify,
+        template=args.template, verify=not args.no_verify, torch=args.torch, torch_device=args.torch_device,
+        torch_dtype=args.torch_dtype,
     )
     manifest = export_engine(options, report=_say)
     rows = manifest.pop("_summary")
@@ -60,6 +61,13 @@ def cmd_verify(args) -> int:
             print(f"{stage:<7} {label:<24} max abs {errors['max_abs']:.2e}  mean rel {errors['mean_rel']:.2e}")
     if report["end_to_end"]:
         print(f"end to end: greedy tokens identical for {report['end_to_end']['identical']} prompts")
+    if report.get("torch"):
+        torch_report = report["torch"]
+        for stage, checks in torch_report["stages"].items():
+            for label, errors in checks.items():
+                print(f"torch {stage:<7} {label:<24} max abs {errors['max_abs']:.2e}  mean rel {errors['mean_rel']:.2e}")
+        if torch_report["end_to_end"]:
+            print(f"torch end to end: greedy tokens identical for {torch_report['end_to_end']['identical']} prompts")
     print(json.dumps({"verified": True, "precision": precision}))
     return 0
 
@@ -115,6 +123,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--alignment-dir", type=Path, help="alignment model directory with its tokenizer (SigLIP)")
     p.add_argument("--template", default="auto", help="prompt template: auto, plain_v1 or plain_qwen")
     p.add_argument("--no-verify", action="store_true", help="skip the parity checks (not recommended)")
+    p.add_argument("--torch", action="store_true",
+                   help="also compile the stages with torch.export + AOTInductor (.pt2) for `--backend torch`")
+    p.add_argument("--torch-device", default="auto", help="device the .pt2 stages are compiled for: auto, cpu, cuda")
+    p.add_argument("--torch-dtype", default="auto",
+                   help="dtype of the torch stages and LLM: auto (bf16 on a GPU, fp32 on CPU), fp32, fp16, bf16")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("verify", help="rerun the export's parity checks on an existing engine dir")

@@ -48,6 +48,9 @@ class ExportOptions:
     alignment_dir: Path | None = None
     template: str = "auto"
     verify: bool = True
+    torch: bool = False  # also compile AOTInductor stages for the torch backend
+    torch_device: str = "auto"
+    torch_dtype: str = "auto"
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -71,6 +74,11 @@ class ExportOptions:
 
         if self.template != "auto" and self.template not in TEMPLATES:
             raise PPLLaVAError(f"--template must be auto or one of {', '.join(TEMPLATES)}, got {self.template!r}")
+        if self.torch:
+            from ppllava.export.torch_stages import resolve_device, resolve_dtype
+
+            self.torch_device = resolve_device(self.torch_device)
+            self.torch_dtype = resolve_dtype(self.torch_dtype, self.torch_device)
         parent = self.out.resolve().parent
         if not parent.is_dir():
             raise PPLLaVAError(f"cannot create {self.out}: {parent} does not exist")
@@ -198,6 +206,9 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
         stages[name] = {"file": path.name, "backend": "onnxruntime", "precision": options.dtype, **io,
                         "dynamic": {d: ranges[d] for d in _dims(io)}, "files": _files(work, files)}
 
+    if options.torch:
+        stages = _torch_stages(options, steps, model, work, stages, ranges, example_frames)
+
     llm_tok = steps.run("LLM tokenizer", tokenizers.llm_tokenizer, options.checkpoint, work / "tokenizers" / "llm",
                         detail=lambda r: r.source)
     align_tok = steps.run(
@@ -265,6 +276,26 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -> dict:
+    """Compile each stage with AOTInductor for the chosen device and dtype; recorded as the stage's
+    ``torch`` variant, with the identity (torch version, GPU) the package is tied to."""
+    from ppllava.export.torch_stages import device_identity, export_torch_stage, stage_model
+
+    device, dtype = options.torch_device, options.torch_dtype
+    source = steps.run(f"prepare stages for torch ({dtype} on {device})", stage_model, model, dtype, device)
+    identity = device_identity(device)
+    for name in ("vision", "text", "pool"):
+        path = work / "torch" / f"{name}.pt2"
+        io = steps.run(f"compile torch/{name}.pt2 (AOTInductor, {device})", export_torch_stage, source, name, path,
+                       ranges, example_frames, dtype, device,
+                       detail=lambda _, p=path: f"{p.stat().st_size / 2**20:.1f} MiB")
+        stages[name].setdefault("variants", {})["torch"] = {
+            "file": str(path.relative_to(work)), "backend": "torch", "precision": dtype, **identity, **io,
+            "dynamic": stages[name]["dynamic"], "files": _files(work, [path]),
+        }
+    return stages
 
 
 def _dims(io: dict) -> set[str]:

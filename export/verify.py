@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 TOLERANCES = {
     "fp32": {"vision": 1e-4, "text": 1e-4, "pool": 1e-4},
     "fp16": {"vision": 5e-2, "text": 1e-2, "pool": 5e-2},
+    # the torch backend's bf16 stages (8-bit mantissa: ~8x fp16's rounding)
+    "bf16": {"vision": 2.5e-1, "text": 5e-2, "pool": 2.5e-1},
 }
 E2E_PROMPTS = 3
 E2E_NEW_TOKENS = 8
@@ -59,14 +61,33 @@ def _clip_ids(model, length: int, real: int, g: torch.Generator) -> tuple[torch.
 
 
 def verify_engine(engine_dir: Path, model, precision: str) -> dict:
-    """Check vision/text/pool and, when present, end-to-end greedy tokens. Writes verify.json."""
-    pipe = Pipeline.open(engine_dir)
+    """Check vision/text/pool and, when present, end-to-end greedy tokens, on the onnxruntime
+    backend and, when the engine has torch stages, on the torch backend too. Writes verify.json."""
+    failures: list[str] = []
+    report = _verify_backend(Pipeline.open(engine_dir), model, precision, failures)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    variant = manifest["stages"]["vision"].get("variants", {}).get("torch")
+    if variant is not None:
+        torch_failures: list[str] = []
+        report["torch"] = _verify_backend(Pipeline.open(engine_dir, backend="torch"), model, variant["precision"],
+                                          torch_failures)
+        report["torch"]["device"] = variant.get("device")
+        failures += [f"torch {f}" for f in torch_failures]
+    (engine_dir / VERIFY).write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
+        raise VerificationError(
+            "exported engine disagrees with the reference: " + "; ".join(failures)
+            + " (all numbers in verify.json; `ppllava verify` reruns the checks)"
+        )
+    return report
+
+
+def _verify_backend(pipe: Pipeline, model, precision: str, failures: list[str]) -> dict:
     cfg = model.config
     max_frames = pipe.manifest.dims["max_frames"]
     tolerances = TOLERANCES[precision]
     g = torch.Generator().manual_seed(SEED)
     report: dict = {"precision": precision, "tolerances": tolerances, "seed": SEED, "stages": {}, "end_to_end": None}
-    failures: list[str] = []
 
     def check(stage: str, label: str, got: np.ndarray, want: torch.Tensor) -> None:
         errors = _errors(got, want)
@@ -102,17 +123,11 @@ def verify_engine(engine_dir: Path, model, precision: str) -> dict:
 
     if pipe.decoder is not None:
         report["end_to_end"] = _end_to_end(pipe, model, g, precision, failures)
-    (engine_dir / VERIFY).write_text(json.dumps(report, indent=2) + "\n")
-    if failures:
-        raise VerificationError(
-            "exported engine disagrees with the reference: " + "; ".join(failures)
-            + " (all numbers in verify.json; `ppllava verify` reruns the checks)"
-        )
     return report
 
 
 def _end_to_end(pipe: Pipeline, model, g: torch.Generator, precision: str, failures: list[str]) -> dict:
-    """Greedy tokens of ONNX stages + ONNX LLM against the reference, for several prompts."""
+    """Greedy tokens of the engine (stages + LLM on one backend) against the reference, for several prompts."""
     cfg = model.config
     vocab = model.language_model.config.vocab_size
     avoid = {cfg.image_token_index, cfg.pad_token_id, *model.eos_token_ids}

@@ -23,6 +23,13 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _host(features) -> np.ndarray:
+    """A numpy copy of features that a backend keeps on its device (torch tensors: duck-typed)."""
+    if isinstance(features, np.ndarray):
+        return features
+    return features.float().cpu().numpy()
+
+
 class FeatureCache:
     def __init__(self, max_bytes: int = 512 * 2**20, directory: Path | None = None):
         self.max_bytes = max_bytes
@@ -61,7 +68,7 @@ class FeatureCache:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / f".{key}.{os.getpid()}.npz"
-            np.savez(tmp, features=features, media_type=np.array(media_type))
+            np.savez(tmp, features=_host(features), media_type=np.array(media_type))
             tmp.replace(self.directory / f"{key}.npz")
 
     def _remember(self, key: str, value: tuple[np.ndarray, str]) -> None:

@@ -26,8 +26,9 @@ from ppllava.runtime.sampling import Sampling, TokenSampler
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = ("video", "image")
-# onnxruntime everywhere; TensorRT plans for vision/text/pool (LLM in onnxruntime); and TensorRT-LLM too.
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
+# onnxruntime everywhere; TensorRT plans for vision/text/pool (LLM in onnxruntime); and TensorRT-LLM too;
+# torch: AOTInductor stages + the Hugging Face LLM with a static KV cache (CUDA-graph decode on a GPU).
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm", "torch")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -82,40 +83,19 @@ class Pipeline:
             manifest.stage(n).get("precision") != precision for n in names
         ):
             raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
-        if backend in ("tensorrt", "tensorrt-llm"):
-            from ppllava.runtime.tensorrt_backend import TrtLLMDecoder, TrtStage
-
-            key = f"tensorrt-{precision or 'fp16'}"
-            missing = [n for n in names if key not in manifest.stage(n).get("variants", {})]
-            if missing:
-                raise EngineError(f"no {key} plans for {', '.join(missing)}: build them on this GPU with "
-                                  f"`ppllava build-engines {manifest.root} --precision {precision or 'fp16'}`")
-            self.stages = {n: TrtStage(root, manifest.stage(n)["variants"][key]) for n in names}
-            # a plan's profile may cover fewer frames than the export (build-engines --max-frames)
-            profile = manifest.stage("vision")["variants"][key].get("profile", {}).get("pixel_values")
-            if profile:
-                self.max_frames = min(self.max_frames, int(profile[2][0]))
-            if backend == "tensorrt-llm":
-                built = manifest.data["llm"].get("tensorrt_llm_engine")
-                if not built or not (root / built["dir"]).is_dir():
-                    raise EngineError(f"no TensorRT-LLM engine recorded in {root}: run `ppllava build-engines {root} "
-                                      "--llm-scheme SCHEME` on this GPU")
-                self.trtllm = TrtLLMDecoder(root / built["dir"])
-        else:
-            self.stages = {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
-                           for n in names}
+        self.stages = self._open_stages(manifest, names, quantized, providers, threads, precision, backend)
         below = [n for n in quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
         if below:
             log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
                         precision, ", ".join(below))
         self.decoder = None
         self.embed_tokens = self.image_newline = None
-        if "llm" in manifest.data["stages"]:
+        if self._has_llm(manifest):
             from ppllava.runtime.tensors import map_safetensors
 
             llm_precision = precision if precision in manifest.stage("llm").get("variants", {}) else None
             if backend != "tensorrt-llm":  # TensorRT-LLM runs the LLM itself: do not hold a second copy
-                self.decoder = OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
+                self.decoder = self._open_decoder(manifest, llm_precision, providers, threads)
             # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
             extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
             self.embed_tokens = extras["embed_tokens"]
@@ -133,6 +113,37 @@ class Pipeline:
         if self.stages["vision"].path != manifest.stage_path("vision"):
             self.engine_id += ":" + self.stages["vision"].path.name  # quantized features cache separately
 
+    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
+        root = manifest.root
+        if backend in ("tensorrt", "tensorrt-llm"):
+            from ppllava.runtime.tensorrt_backend import TrtLLMDecoder, TrtStage
+
+            key = f"tensorrt-{precision or 'fp16'}"
+            missing = [n for n in names if key not in manifest.stage(n).get("variants", {})]
+            if missing:
+                raise EngineError(f"no {key} plans for {', '.join(missing)}: build them on this GPU with "
+                                  f"`ppllava build-engines {manifest.root} --precision {precision or 'fp16'}`")
+            stages = {n: TrtStage(root, manifest.stage(n)["variants"][key]) for n in names}
+            # a plan's profile may cover fewer frames than the export (build-engines --max-frames)
+            profile = manifest.stage("vision")["variants"][key].get("profile", {}).get("pixel_values")
+            if profile:
+                self.max_frames = min(self.max_frames, int(profile[2][0]))
+            if backend == "tensorrt-llm":
+                built = manifest.data["llm"].get("tensorrt_llm_engine")
+                if not built or not (root / built["dir"]).is_dir():
+                    raise EngineError(f"no TensorRT-LLM engine recorded in {root}: run `ppllava build-engines {root} "
+                                      "--llm-scheme SCHEME` on this GPU")
+                self.trtllm = TrtLLMDecoder(root / built["dir"])
+            return stages
+        return {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
+                for n in names}
+
+    def _has_llm(self, manifest: Manifest) -> bool:
+        return "llm" in manifest.data["stages"]
+
+    def _open_decoder(self, manifest: Manifest, llm_precision, providers, threads):
+        return OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
+
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
              threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
@@ -140,6 +151,10 @@ class Pipeline:
         """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
         if backend not in BACKENDS:
             raise EngineError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
+        if backend == "torch" and cls is Pipeline:
+            from ppllava.runtime.torch_backend import TorchPipeline  # imports torch lazily, only here
+
+            cls = TorchPipeline
         pipe = cls(Manifest.load(engine_dir), providers, threads, precision, backend)
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
@@ -153,15 +168,29 @@ class Pipeline:
         return self._tokenizers
 
     # ---------------------------------------------------------------- stages
+    # The public stage methods take and return numpy arrays. The underscored ones are what
+    # generate_ids chains; a backend may keep their results on its device (the torch backend does).
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.stages["vision"].run(pixel_values=pixel_values)["features"]
+        return self._host(self._vision(pixel_values))
 
     def text(self, clip_ids: np.ndarray, clip_mask: np.ndarray | None = None) -> np.ndarray:
+        return self._host(self._text(clip_ids, clip_mask))
+
+    def pool(self, features: np.ndarray, text: np.ndarray, plan: WindowPlan, media_type: str = "video") -> np.ndarray:
+        return self._host(self._pool(features, text, plan, media_type))
+
+    def _host(self, value) -> np.ndarray:
+        return value
+
+    def _vision(self, pixel_values):
+        return self.stages["vision"].run(pixel_values=pixel_values)["features"]
+
+    def _text(self, clip_ids, clip_mask=None):
         if clip_mask is None:
             clip_mask = np.ones_like(clip_ids)
         return self.stages["text"].run(clip_ids=clip_ids, clip_mask=clip_mask)["text_embedding"]
 
-    def pool(self, features: np.ndarray, text: np.ndarray, plan: WindowPlan, media_type: str = "video") -> np.ndarray:
+    def _pool(self, features, text, plan: WindowPlan, media_type: str = "video"):
         grid = (features.shape[0], *self.manifest.grid)
         try:
             index = plan.window_index(grid)
@@ -169,8 +198,11 @@ class Pipeline:
             raise InputError(f"cannot pool {features.shape[0]} frame(s): {exc}") from None
         tokens = self.stages["pool"].run(features=features, text_embedding=text, window_index=index)["visual_tokens"]
         if media_type == "image":
-            tokens = np.concatenate([tokens, self.image_newline[None].astype(tokens.dtype)], axis=0)
+            tokens = self._append_newline(tokens)
         return tokens
+
+    def _append_newline(self, tokens):
+        return np.concatenate([tokens, self.image_newline[None].astype(tokens.dtype)], axis=0)
 
     def embed_prompt(self, input_ids: np.ndarray, visual: np.ndarray) -> np.ndarray:
         """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D); as upstream,
@@ -188,6 +220,15 @@ class Pipeline:
             embeds[ids[0] == self.pad_token_id] = 0.0
         pos = int(where[0])
         return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
+
+    def _embed_prompt(self, input_ids, visual):
+        return self.embed_prompt(input_ids, visual)
+
+    def _next_logits(self, token: int) -> np.ndarray:
+        return self.decoder.forward(self.embed_tokens[token][None, None])
+
+    def _sync(self) -> None:
+        """Wait for queued device work, so that stage timings are real (no-op on synchronous backends)."""
 
     # ------------------------------------------------------------ end to end
     def ask_stream(self, video, question: str, **options):
@@ -254,7 +295,8 @@ class Pipeline:
         pixels = normalise(clip_frames, spec)
         timings.add("preprocess", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        features = self.vision(pixels)
+        features = self._vision(pixels)
+        self._sync()
         timings.add("vision", time.perf_counter() - t0)
         self.cache.put(key, features, media_type)
         return features, media_type, features.shape[0], False
@@ -352,15 +394,18 @@ class Pipeline:
             limit = self.max_frames
             if pixel_values.ndim != 4 or not 1 <= pixel_values.shape[0] <= limit:
                 raise InputError(f"pixel_values must be (T, 3, S, S) with 1 <= T <= {limit}, got {pixel_values.shape}")
-            features = self.vision(pixel_values)
+            features = self._vision(pixel_values)
+            self._sync()
             timings.add("vision", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        text = self.text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
+        text = self._text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
+        self._sync()
         timings.add("text", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        visual = self.pool(features, text, plan or self.manifest.plan(media_type), media_type)
+        visual = self._pool(features, text, plan or self.manifest.plan(media_type), media_type)
+        self._sync()
         timings.add("pool", time.perf_counter() - t0)
-        embeds = self.embed_prompt(input_ids, visual)
+        embeds = self._embed_prompt(input_ids, visual)
         if embeds.shape[1] >= self.context:
             raise InputError(f"prompt of {embeds.shape[1]} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
         max_new_tokens = min(max_new_tokens, self.context - embeds.shape[1])
@@ -368,6 +413,7 @@ class Pipeline:
             from ppllava.runtime.tensorrt_backend import prompt_table_inputs
 
             t0 = time.perf_counter()
+            visual = self._host(visual)
             ids, table = prompt_table_inputs(input_ids, visual, self.image_token_id, self.embed_tokens.shape[0])
             tokens = self.trtllm.generate(ids, table, max_new_tokens, set(self.eos_token_ids),
                                           int(self.pad_token_id or 0))
@@ -390,6 +436,6 @@ class Pipeline:
                 on_token(token)
             if (token in self.eos_token_ids and not ignore_eos) or len(tokens) == max_new_tokens:
                 break
-            logits = self.decoder.forward(self.embed_tokens[token][None, None])
+            logits = self._next_logits(token)
         timings.add("decode", time.perf_counter() - t0)
         return GenerationResult(tokens, timings, visual.shape[0])

@@ -1,0 +1,122 @@
+"""PyTorch-native stages for the ``torch`` backend: ``torch.export`` + AOTInductor packages (.pt2).
+
+Each of vision / text / pool is exported with the same wrappers, dynamic axes and ranges as the
+ONNX stages, then compiled by AOTInductor for one device (the GPU it will run on, or the CPU) and
+one dtype. The package is device-specific, like a TensorRT plan: the manifest records the device,
+the GPU's name and compute capability and the torch version, and the runtime refuses a package
+compiled elsewhere with the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ppllava.errors import PPLLaVAError
+from ppllava.export.onnx_stages import DYNAMIC_AXES, example_inputs
+from ppllava.export.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STAGE_NAMES = ("vision", "text", "pool")
+
+
+class TorchExportError(PPLLaVAError):
+    """A stage could not be exported or compiled for the torch backend."""
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when a GPU is usable, else cpu; 'cuda' without a GPU is one clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise PPLLaVAError(f"--torch-device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PPLLaVAError("--torch-device cuda: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it (fp16 otherwise), fp32 on the CPU."""
+    if dtype == "auto":
+        if device == "cpu":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dtype not in TORCH_DTYPES:
+        raise PPLLaVAError(f"--torch-dtype must be auto or one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def device_identity(device: str) -> dict:
+    """What a compiled package is tied to: torch version, device, and for CUDA the GPU and its SM."""
+    identity = {"torch": torch.__version__.split("+")[0], "device": device}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        identity["gpu"] = props.name
+        identity["compute_capability"] = f"{props.major}.{props.minor}"
+    return identity
+
+
+def stage_model(model, dtype: str, device: str):
+    """A copy of the reference in the stages' dtype on their device (the reference stays fp32 on CPU)."""
+    target = TORCH_DTYPES[dtype]
+    if target == torch.float32 and device == "cpu":
+        return model
+    # Only the vision tower and the projector are exported; the LLM is not copied.
+    return SimpleNamespace(
+        config=model.config, alignment=model.alignment,
+        vision_tower=copy.deepcopy(model.vision_tower).to(device=device, dtype=target),
+        multi_modal_projector=copy.deepcopy(model.multi_modal_projector).to(device=device, dtype=target),
+    )
+
+
+def _on(inputs: tuple, device: str, dtype: torch.dtype) -> tuple:
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs)
+
+
+def export_torch_stage(model, stage: str, out_path: Path, ranges: dict[str, dict[str, int]], frames: int,
+                       dtype: str, device: str) -> dict:
+    """torch.export one stage with dynamic T / L / K / W and compile it with AOTInductor into
+    ``out_path`` (.pt2). Returns the IO description for the manifest."""
+    spec = STAGES[stage]
+    module = spec.wrapper(model).eval()
+    inputs = _on(example_inputs(model, stage, frames, torch.float32), device, TORCH_DTYPES[dtype])
+    dims = {name: torch.export.Dim(name, min=r["min"], max=max(r["max"], r["min"] + 1)) for name, r in ranges.items()}
+    dynamic = {
+        arg: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[stage].get(arg, {}).items()} or None
+        for arg in spec.inputs
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
+        except Exception as exc:  # torch.export raises many types; the first line says what failed
+            raise TorchExportError(f"torch.export failed for the {stage} stage: {_first_line(exc)}") from exc
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out_path))
+        except Exception as exc:  # inductor / the C++ or CUDA toolchain
+            raise TorchExportError(f"AOTInductor could not compile the {stage} stage for {device}: "
+                                   f"{_first_line(exc)} (a C++ compiler is needed, and Triton for CUDA)") from exc
+    dyn_names = {arg: {str(axis): name for axis, name in DYNAMIC_AXES[stage].get(arg, {}).items()} for arg in spec.inputs}
+    return {
+        "inputs": [{"name": n, "dtype": _dtype_name(t), "rank": t.dim(), "dynamic": dyn_names[n]}
+                   for n, t in zip(spec.inputs, inputs)],
+        "outputs": [{"name": n} for n in spec.outputs],
+    }
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+            torch.int64: "int64"}.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,326 @@
+"""The ``torch`` backend: AOTInductor stages and a static-KV-cache LLM with a CUDA-graph decode step.
+
+For GPUs without TensorRT-LLM (a new generation, a Jetson with only PyTorch), and the GPU path
+that needs nothing but PyTorch. Vision / text / pool run from the ``.pt2`` packages that
+``ppllava export --torch`` compiled for this device; their outputs stay on the device from one
+stage to the next. The LLM is the engine dir's extracted Hugging Face model (``llm_hf/``) driven by
+our own loop, gpt-fast style:
+
+- one preallocated KV cache per layer, written in place at the token's position (``index_copy_``),
+  sized to the request (prompt + new tokens, rounded up to 256) so decode reads no more than it must;
+- the spliced prompt (text embeddings with the visual tokens at ``<image>``) prefilled in one call;
+- each decode step is the same kernels on the same buffers, so on a GPU it is captured once in a
+  CUDA graph and replayed: one launch per token instead of hundreds.
+
+Torch and transformers are imported here only, inside functions: importing the runtime (or this
+module) does not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ppllava.errors import InputError
+from ppllava.runtime.backends import BackendError, first_line
+from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+VARIANT = "torch"  # key of the stages' torch variant in the manifest
+CACHE_STEP = 256  # KV-cache capacity is rounded up to this many positions
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendError("the torch backend needs PyTorch (pip install torch)") from None
+    return torch
+
+
+def _dtype(name: str):
+    torch = _torch()
+    try:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise EngineError(f"unknown torch precision {name!r} in the manifest (known: {', '.join(DTYPES)})") from None
+
+
+def current_identity(device: str) -> dict:
+    """The torch version and device (for CUDA: GPU name and compute capability) a package must match."""
+    torch = _torch()
+    identity = {"torch": torch.__version__.split("+")[0], "device": device}
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError("these torch stages were compiled for CUDA, and no CUDA GPU is usable here")
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        identity["gpu"] = props.name
+        identity["compute_capability"] = f"{props.major}.{props.minor}"
+    return identity
+
+
+def check_package(variant: dict, current: dict) -> None:
+    """Refuse an AOTInductor package compiled for another torch release, device or GPU."""
+    for key, label in (("device", "device"), ("torch", "torch version"), ("gpu", "GPU"),
+                       ("compute_capability", "compute capability")):
+        if variant.get(key) != current.get(key):
+            raise BackendError(
+                f"{variant.get('file')} was compiled for {label} {variant.get(key)!r}, this machine has "
+                f"{current.get(key)!r}: re-export here with `ppllava export CHECKPOINT --out ENGINE_DIR --torch --force`"
+            )
+
+
+class TorchStage:
+    """One AOTInductor package; numpy or torch inputs, torch outputs left on the package's device."""
+
+    def __init__(self, root: Path, variant: dict):
+        torch = _torch()
+        check_package(variant, current_identity(variant.get("device", "cpu")))
+        self.path = root / variant["file"]
+        self.device = torch.device(variant["device"])
+        self.dtype = _dtype(variant["precision"])
+        self.input_names = tuple(i["name"] for i in variant["inputs"])
+        self.output_names = tuple(o["name"] for o in variant["outputs"])
+        self._float = {i["name"] for i in variant["inputs"] if i["dtype"] in ("float32", "float16", "bfloat16")}
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as exc:  # a damaged package, or one from another torch build
+            raise BackendError(f"torch cannot load {self.path}: {first_line(exc)}") from None
+
+    def run(self, **inputs) -> dict:
+        torch = _torch()
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise BackendError(f"{self.path.name} needs inputs {sorted(missing)}")
+        args = []
+        for name in self.input_names:
+            value = inputs[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            dtype = self.dtype if name in self._float else torch.int64
+            args.append(tensor.to(device=self.device, dtype=dtype, non_blocking=True).contiguous())
+        try:
+            with torch.inference_mode():
+                out = self.runner(*args)
+        except Exception as exc:  # shapes outside the compiled ranges end up here
+            raise BackendError(f"{self.path.name} failed: {first_line(exc)}") from None
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return dict(zip(self.output_names, outs))
+
+
+class StaticKVCache:
+    """Per-layer (1, kv_heads, capacity, head_dim) key and value buffers, written in place.
+
+    Implements the one method transformers' attention modules call on a cache, ``update``: the new
+    keys/values go to ``cache_position`` and the whole buffer is returned; the attention mask hides
+    the positions not written yet.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        torch = _torch()
+        shape = (1, kv_heads, capacity, head_dim)
+        self.capacity = capacity
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None):
+        position = cache_kwargs["cache_position"]
+        self.keys[layer_idx].index_copy_(2, position, key_states)
+        self.values[layer_idx].index_copy_(2, position, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class TorchDecoder:
+    """The Hugging Face LLM of ``llm_hf/`` with a static KV cache; ``cuda_graph`` (default: on a
+    GPU) replays the captured single-token step."""
+
+    def __init__(self, hf_dir: Path, device: str = "cpu", precision: str = "fp32", cuda_graph: bool | None = None):
+        torch = _torch()
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise BackendError("the torch backend needs transformers for the LLM (pip install transformers)") from None
+        if not (hf_dir / "config.json").is_file():
+            raise EngineError(f"{hf_dir} has no config.json: the engine dir's LLM is missing; re-export")
+        try:
+            config = AutoConfig.from_pretrained(hf_dir)
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, torch_dtype=_dtype(precision),
+                                                         attn_implementation="sdpa")
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot load the LLM from {hf_dir}: {first_line(exc)}") from None
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            raise BackendError("this LLM uses sliding-window attention, which the torch backend's static cache "
+                               "does not implement; use the onnxruntime backend")
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = _dtype(precision)
+        self.model = model.to(self.device).eval()
+        core = self.model.model
+        self.embed = core.embed_tokens
+        self.layers = list(core.layers)
+        self.norm = core.norm
+        self.rotary = core.rotary_emb
+        self.lm_head = self.model.lm_head
+        self.context = int(config.max_position_embeddings)
+        self.vocab = int(config.vocab_size)
+        heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise BackendError("CUDA graphs need the LLM on a CUDA device")
+        self.kv: StaticKVCache | None = None
+        self.length = 0
+        self._graph = None
+        self.graph_captures = 0  # how many times a decode graph was captured (tests and bench read it)
+
+    # ------------------------------------------------------------ sequence
+    def reset(self, capacity: int | None = None) -> None:
+        """Start a new sequence; ``capacity`` (prompt + new tokens) sizes the cache, reused while it
+        fits and is not more than twice too large."""
+        want = min(self.context, -(-(capacity or self.context) // CACHE_STEP) * CACHE_STEP)
+        if self.kv is None or self.kv.capacity < want or self.kv.capacity > 2 * want:
+            self.kv = None
+            self._graph = None  # captured against the old buffers
+            self.kv = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, want, self.dtype, self.device)
+            self._positions = self.torch.arange(want, device=self.device)
+            self._token = self.torch.zeros((1, 1), dtype=self.torch.long, device=self.device)
+            self._position = self.torch.zeros((1,), dtype=self.torch.long, device=self.device)
+        self.length = 0
+
+    def _run(self, hidden, cache_position):
+        """Hidden states (1, S, D) at ``cache_position`` (S,) through every layer; last position's logits."""
+        position_ids = cache_position[None]
+        # (1, 1, S, capacity): a query sees the keys at or before its own position, nothing unwritten.
+        mask = (self._positions[None, :] <= cache_position[:, None])[None, None]
+        embeddings = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=self.kv,
+                        use_cache=True, cache_position=cache_position, position_embeddings=embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.lm_head(self.norm(hidden[:, -1:]))[0, -1]
+
+    def _as_embeds(self, embeds):
+        torch = self.torch
+        tensor = embeds if isinstance(embeds, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(embeds))
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def _logits(self, logits) -> np.ndarray:
+        return logits.float().cpu().numpy()
+
+    def forward(self, embeds) -> np.ndarray:
+        """Append (1, S, D) embeddings (the prefill: one call for the whole prompt); returns the last
+        position's logits (V,) float32."""
+        torch = self.torch
+        if self.kv is None:
+            self.reset()
+        steps = int(embeds.shape[1])
+        if self.length + steps > self.kv.capacity:
+            raise BackendError(f"sequence of {self.length + steps} tokens exceeds the KV cache of {self.kv.capacity}")
+        with torch.inference_mode():
+            position = torch.arange(self.length, self.length + steps, device=self.device)
+            logits = self._run(self._as_embeds(embeds), position)
+            self.length += steps
+            return self._logits(logits)
+
+    def forward_token(self, token: int) -> np.ndarray:
+        """Append one token by id (embedded on the device); the decode step."""
+        torch = self.torch
+        if self.kv is None or self.length + 1 > self.kv.capacity:
+            raise BackendError(f"sequence of {self.length + 1} tokens exceeds the KV cache")
+        with torch.inference_mode():
+            self._token.fill_(int(token))
+            self._position.fill_(self.length)
+            if self.cuda_graph:
+                if self._graph is None:
+                    self._capture()
+                self._graph.replay()
+                logits = self._graph_logits
+            else:
+                logits = self._step()
+            self.length += 1
+            return self._logits(logits)
+
+    def _step(self):
+        return self._run(self.embed(self._token), self._position)
+
+    def _capture(self) -> None:
+        """Record the decode step on the current buffers. Warm-up runs write the same keys/values at
+        the same position as the real step, so the cache is unchanged by them."""
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_logits = self._step()
+        self._graph = graph
+        self.graph_captures += 1
+
+    # ------------------------------------------------------------ prompt
+    def embed_prompt(self, input_ids: np.ndarray, visual, image_token_id: int, pad_token_id: int | None):
+        """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D) on the device;
+        prompt tokens equal to the pad id embed to zeros, as upstream."""
+        torch = self.torch
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        where = np.flatnonzero(ids == image_token_id)
+        if where.size != 1:
+            raise InputError(f"input_ids must hold exactly one image token ({image_token_id}), found {where.size}")
+        text_ids = np.where(ids == image_token_id, 0, ids)
+        if text_ids.min() < 0 or text_ids.max() >= self.vocab:
+            raise InputError(f"input_ids must lie in [0, {self.vocab}) apart from the image token")
+        with torch.inference_mode():
+            text = self.embed(torch.from_numpy(text_ids).to(self.device))
+            if pad_token_id is not None:
+                text = text.masked_fill(torch.from_numpy(ids == pad_token_id).to(self.device)[:, None], 0.0)
+            pos = int(where[0])
+            return torch.cat([text[:pos], self._as_embeds(visual), text[pos + 1 :]])[None]
+
+
+class TorchPipeline(Pipeline):
+    """``Pipeline`` on the torch backend: stages from the manifest's torch variants, LLM from llm_hf/."""
+
+    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
+        if precision:
+            raise EngineError("--precision picks onnxruntime/TensorRT variants; the torch backend runs the dtype "
+                              "its stages were compiled in (ppllava export --torch --torch-dtype)")
+        missing = [n for n in names if VARIANT not in manifest.stage(n).get("variants", {})]
+        if missing:
+            raise EngineError(f"{manifest.root} has no torch stages ({', '.join(missing)}): export them with "
+                              f"`ppllava export CHECKPOINT --out {manifest.root} --torch --force`")
+        variants = {n: manifest.stage(n)["variants"][VARIANT] for n in names}
+        self.device = variants["vision"].get("device", "cpu")
+        self.torch_precision = variants["vision"]["precision"]
+        return {n: TorchStage(manifest.root, v) for n, v in variants.items()}
+
+    def _has_llm(self, manifest: Manifest) -> bool:
+        hf_dir = manifest.data["llm"].get("hf_dir")
+        return bool(hf_dir) and (manifest.root / hf_dir / "config.json").is_file()
+
+    def _open_decoder(self, manifest: Manifest, llm_precision, providers, threads):
+        return TorchDecoder(manifest.root / manifest.data["llm"]["hf_dir"], self.device, self.torch_precision)
+
+    def _host(self, value) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.float().cpu().numpy()
+
+    def _append_newline(self, tokens):
+        torch = _torch()
+        row = torch.from_numpy(np.asarray(self.image_newline, np.float32)).to(tokens.device, tokens.dtype)
+        return torch.cat([tokens, row[None]])
+
+    def _embed_prompt(self, input_ids, visual):
+        return self.decoder.embed_prompt(input_ids, visual, self.image_token_id, self.pad_token_id)
+
+    def _next_logits(self, token: int) -> np.ndarray:
+        return self.decoder.forward_token(token)
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            _torch().cuda.synchronize()
