@@ -73,7 +73,7 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
     spec = pipe.manifest.data["preprocessing"]
     size = int(spec["size"])
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
-    result = BackendResult("torch")
+    result = BackendResult("torch-eager")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for r in range(1 + options.warmup + options.repeat):
@@ -101,8 +101,9 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
             tokens = _answer(model, clock, features, question, pipe, options, media)
             if r > options.warmup:
                 result.follow_up.append(Run(dict(clock.ms), (time.perf_counter() - t0) * 1e3, len(tokens)))
-        log_line(f"torch repeat {r + 1}/{1 + options.warmup + options.repeat} done")
+        log_line(f"torch-eager repeat {r + 1}/{1 + options.warmup + options.repeat} done")
     result.peak_host_mib = peak_host_mib()
+    result.device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         result.peak_device_mib = torch.cuda.max_memory_allocated(device) / 2**20
     return result

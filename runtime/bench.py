@@ -92,6 +92,7 @@ class BackendResult:
     follow_up: list[Run] = field(default_factory=list)
     peak_host_mib: float | None = None
     peak_device_mib: float | None = None
+    device: str | None = None  # the GPU (or "cpu") a device backend ran on
     first_tokens: list[int] = field(default_factory=list)  # greedy tokens of the cold run (identity check)
 
     def summary(self) -> dict:
@@ -116,6 +117,7 @@ class BackendResult:
             "follow_up": block(self.follow_up),
             "peak_host_mib": self.peak_host_mib,
             "peak_device_mib": self.peak_device_mib,
+            "device": self.device,
         }
 
 
@@ -159,6 +161,9 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
                 (result.first if q == 0 else result.follow_up).append(run)
         log_line(f"{name} repeat {r + 1}/{1 + options.warmup + options.repeat} done")
     result.peak_host_mib = peak_host_mib()
+    describe = getattr(pipe, "device_info", None)  # backends that run on a GPU say which, and its peak memory
+    if describe is not None:
+        result.device, result.peak_device_mib = describe()
     return result
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ppllava.errors import InputError
-from ppllava.runtime.pipeline import DEFAULT_MAX_NEW_TOKENS
+from ppllava.runtime.pipeline import BACKENDS, DEFAULT_MAX_NEW_TOKENS
 from ppllava.runtime.video import MAX_SIDE
 
 
@@ -25,8 +25,9 @@ def _common(p) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-side", type=int, help=f"refuse frames larger than this many pixels on a side (default {MAX_SIDE})")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"),
-                   help="tensorrt: plans from build-engines for vision/text/pool; tensorrt-llm: also the LLM")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="tensorrt: plans from build-engines for vision/text/pool; tensorrt-llm: also the LLM; "
+                        "torch: AOTInductor stages from `export --torch` + static-cache LLM (CUDA graphs on a GPU)")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
     p.add_argument("--precision", help="run the quantized stage variants (int8, fp8) made by `ppllava quantize`")
@@ -162,16 +163,16 @@ def cmd_bench(args) -> int:
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
     if args.random_weights:
-        checkpoint, engine_dir = _random_engine(args.random_weights)
+        checkpoint, engine_dir = _random_engine(args.random_weights, args.backend == "torch")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
-    results = [bench.bench_pipeline(pipe, options, say)]
+    results = [bench.bench_pipeline(pipe, options, say, name=args.backend)]
     if args.compare in ("int8", "fp8", "int4"):
         quantized = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
                                   precision=args.compare)
-        results.append(bench.bench_pipeline(quantized, options, say, name=f"onnxruntime-{args.compare}"))
+        results.append(bench.bench_pipeline(quantized, options, say, name=f"{args.backend}-{args.compare}"))
     if args.compare == "torch":
         results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
                                        args.torch_device, say))
@@ -187,11 +188,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _random_engine(preset: str):
+def _random_engine(preset: str, torch_stages: bool = False):
     """Random-weight engines are built by the export side (torch), lazily and only on request."""
     from ppllava.export.bench_support import random_engine
 
-    return random_engine(preset, report=lambda line: print(line, file=sys.stderr, flush=True))
+    return random_engine(preset, report=lambda line: print(line, file=sys.stderr, flush=True), torch_stages=torch_stages)
 
 
 def _torch_baseline(checkpoint, pipe, options, device, say):
@@ -240,7 +241,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tokens", type=int, help="visual-token budget")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per question (end of text ignored)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"))
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--providers", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--compare", choices=("torch", "int8", "fp8", "int4"),

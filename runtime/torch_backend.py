@@ -287,10 +287,13 @@ class TorchDecoder:
 class TorchPipeline(Pipeline):
     """``Pipeline`` on the torch backend: stages from the manifest's torch variants, LLM from llm_hf/."""
 
-    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
+    def __init__(self, manifest: Manifest, providers, threads, precision: str | None = None, backend: str = "torch"):
         if precision:
             raise EngineError("--precision picks onnxruntime/TensorRT variants; the torch backend runs the dtype "
                               "its stages were compiled in (ppllava export --torch --torch-dtype)")
+        super().__init__(manifest, providers, threads, None, backend)
+
+    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
         missing = [n for n in names if VARIANT not in manifest.stage(n).get("variants", {})]
         if missing:
             raise EngineError(f"{manifest.root} has no torch stages ({', '.join(missing)}): export them with "
@@ -312,7 +315,7 @@ class TorchPipeline(Pipeline):
 
     def _append_newline(self, tokens):
         torch = _torch()
-        row = torch.from_numpy(np.asarray(self.image_newline, np.float32)).to(tokens.device, tokens.dtype)
+        row = torch.from_numpy(np.array(self.image_newline, np.float32)).to(tokens.device, tokens.dtype)
         return torch.cat([tokens, row[None]])
 
     def _embed_prompt(self, input_ids, visual):
@@ -324,3 +327,10 @@ class TorchPipeline(Pipeline):
     def _sync(self) -> None:
         if self.device == "cuda":
             _torch().cuda.synchronize()
+
+    def device_info(self) -> tuple[str, float | None]:
+        """(device name, peak device memory in MiB since start) for bench reports."""
+        if self.device != "cuda":
+            return "cpu", None
+        torch = _torch()
+        return torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**20

@@ -80,9 +80,9 @@ def test_cli_compare_torch_json_and_plot(engine, tiny_dirs, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(out_json.read_text())
-    assert set(data["backends"]) == {"onnxruntime", "torch"}
+    assert set(data["backends"]) == {"onnxruntime", "torch-eager"}
     assert data["same_inputs_same_tokens"] is True  # identical inputs -> identical greedy tokens
-    for name in ("onnxruntime", "torch"):
+    for name in ("onnxruntime", "torch-eager"):
         block = data["backends"][name]
         assert block["cold"]["end_to_end_ms"] > 0 and block["peak_host_mib"] > 0
         assert set(block["first_question"]["stages_ms"]) == set(bench.STAGES) - {"hash"}

