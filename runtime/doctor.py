@@ -34,8 +34,18 @@ def backends() -> list[tuple[str, str]]:
                                    ("Polygraphy", "polygraphy", "polygraphy")):
         found = importlib.util.find_spec(module) is not None
         rows.append((label, (_version(package) or "installed") if found else "not installed"))
+    rows.append(("torch backend", torch_backend()))
     rows.append(("GPU", gpu()))
     return rows
+
+
+def torch_backend() -> str:
+    """PyTorch for ``--backend torch``: reported from package metadata (importing torch takes seconds)."""
+    version = _version("torch") if importlib.util.find_spec("torch") else None
+    if version is None:
+        return "not installed (pip install torch transformers)"
+    missing = "" if importlib.util.find_spec("transformers") else "; transformers missing (the LLM needs it)"
+    return f"torch {version}{missing}; stages from `ppllava export --torch`"
 
 
 def gpu() -> str:

@@ -111,6 +111,9 @@ def test_doctor_without_gpu_libraries(engine):
     if not HAS_TRT:
         assert "TensorRT           not installed" in r.stdout
     assert "onnxruntime" in r.stdout and "Jetson Orin Nano 8 GB" in r.stdout and "needs about" in r.stdout
+    import torch
+
+    assert f"torch backend      torch {torch.__version__}" in r.stdout
 
 
 def test_build_engines_without_tensorrt_is_one_line(engine):
