@@ -134,6 +134,34 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+STATIC_ATTENTION = "ppllava_static_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function for the static cache: SDPA with the cache's boolean mask, and
+    grouped-query attention done by folding each KV head's query group into the query length, so
+    the cache is never repeated per query head (transformers' SDPA path copies it with repeat_kv as
+    soon as a mask is given: for Qwen2-7B's 7 query heads per KV head, 7x the cache traffic per step).
+    Query heads i*g .. i*g+g-1 share KV head i, as in repeat_kv. Returns (B, S, H, d), None."""
+    torch = _torch()
+    b, heads, s, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(b, kv_heads, groups * s, d)  # rows ordered (group, position)
+    mask = attention_mask
+    if mask is not None and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling)
+    return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STATIC_ATTENTION, grouped_sdpa)
+    return STATIC_ATTENTION
+
+
 class TorchDecoder:
     """The Hugging Face LLM of ``llm_hf/`` with a static KV cache; ``cuda_graph`` (default: on a
     GPU) replays the captured single-token step."""
@@ -148,7 +176,7 @@ class TorchDecoder:
             raise EngineError(f"{hf_dir} has no config.json: the engine dir's LLM is missing; re-export")
         try:
             config = AutoConfig.from_pretrained(hf_dir)
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, torch_dtype=_dtype(precision),
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, dtype=_dtype(precision),
                                                          attn_implementation="sdpa")
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot load the LLM from {hf_dir}: {first_line(exc)}") from None
@@ -159,6 +187,8 @@ class TorchDecoder:
         self.device = torch.device(device)
         self.dtype = _dtype(precision)
         self.model = model.to(self.device).eval()
+        # every attention module reads its implementation from the (shared) config at call time
+        self.model.config._attn_implementation = _register_attention()
         core = self.model.model
         self.embed = core.embed_tokens
         self.layers = list(core.layers)

@@ -277,3 +277,24 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
         runs[graph] = tokens
         assert decoder.graph_captures == (1 if graph else 0)
     assert runs[True] == runs[False]
+
+
+def test_grouped_sdpa_equals_repeated_kv_attention():
+    """Folding each KV head's query group into the query length is the same attention as repeating
+    the KV heads (transformers' repeat_kv), for prefill and decode shapes, with the cache mask."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    from ppllava.runtime.torch_backend import grouped_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, capacity = 6, 2, 8, 16
+    for s, start in ((5, 0), (1, 9)):
+        q = torch.randn(1, heads, s, d, generator=g)
+        k, v = torch.randn(1, kv_heads, capacity, d, generator=g), torch.randn(1, kv_heads, capacity, d, generator=g)
+        position = torch.arange(start, start + s)
+        mask = (torch.arange(capacity)[None, :] <= position[:, None])[None, None]
+        got, _ = grouped_sdpa(None, q, k, v, mask, scaling=d ** -0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask,
+                                                                scale=d ** -0.5).transpose(1, 2)
+        assert got.shape == (1, s, heads, d)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
