@@ -67,7 +67,9 @@ def cmd_verify(args) -> int:
             for label, errors in checks.items():
                 print(f"torch {stage:<7} {label:<24} max abs {errors['max_abs']:.2e}  mean rel {errors['mean_rel']:.2e}")
         if torch_report["end_to_end"]:
-            print(f"torch end to end: greedy tokens identical for {torch_report['end_to_end']['identical']} prompts")
+            e2e = torch_report["end_to_end"]
+            print(f"torch end to end: greedy tokens identical for {e2e['identical']} prompts; "
+                  f"top-1 agreement {e2e['top1_agreement']} along the reference's tokens")
     print(json.dumps({"verified": True, "precision": precision}))
     return 0
 

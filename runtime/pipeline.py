@@ -221,6 +221,26 @@ class Pipeline:
         pos = int(where[0])
         return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
 
+    def forced_choices(self, pixel_values, clip_ids, input_ids, forced: list[int], clip_mask=None,
+                       media_type: str = "video", plan: WindowPlan | None = None) -> list[int]:
+        """Teacher forcing: the LLM is fed ``forced`` (e.g. a reference's greedy tokens) one by one,
+        and this returns its own greedy choice before each. ``mean(choice == forced)`` is the top-1
+        agreement with the reference along the reference's path."""
+        if self.decoder is None:
+            raise EngineError("teacher forcing needs this runtime's own LLM decoder (not TensorRT-LLM, not --llm none)")
+        features = self._vision(np.asarray(pixel_values, dtype=np.float32))
+        text = self._text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
+        visual = self._pool(features, text, plan or self.manifest.plan(media_type), media_type)
+        embeds = self._embed_prompt(input_ids, visual)
+        self.decoder.reset(capacity=embeds.shape[1] + len(forced))
+        logits = self.decoder.forward(embeds)
+        choices = []
+        for i, token in enumerate(forced):
+            choices.append(int(np.argmax(logits)))
+            if i + 1 < len(forced):
+                logits = self._next_logits(int(token))
+        return choices
+
     def _embed_prompt(self, input_ids, visual):
         return self.embed_prompt(input_ids, visual)
 

@@ -298,3 +298,41 @@ def test_grouped_sdpa_equals_repeated_kv_attention():
                                                                 scale=d ** -0.5).transpose(1, 2)
         assert got.shape == (1, s, heads, d)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_forced_choices_follow_own_greedy_path_and_expose_disagreement(torch_engines, tiny_models):
+    """Teacher forcing with the backend's own greedy tokens reproduces them; forcing other tokens
+    is reported as disagreement (the top-1 agreement measure in verify.json)."""
+    model = tiny_models["vicuna"]
+    pipe = Pipeline.open(torch_engines["vicuna"], backend="torch")
+    px, clip_ids, ids = _reference_pipe_inputs(model, 4, seed=5)
+    own = pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=8, ignore_eos=True).token_ids
+    assert pipe.forced_choices(px.numpy(), clip_ids.numpy(), ids.numpy(), own) == own
+    other = [(t + 1) % 1024 for t in own]
+    chosen = pipe.forced_choices(px.numpy(), clip_ids.numpy(), ids.numpy(), other)
+    assert chosen[0] == own[0] and chosen != other
+
+
+def test_bf16_decoder_agrees_with_fp32_reference(tiny_models, tmp_path):
+    """The bf16 LLM path (the GPU default) on the CPU: top-1 agreement with the fp32 reference along
+    the reference's greedy tokens, teacher-forced."""
+    from ppllava.runtime.torch_backend import TorchDecoder
+
+    model = tiny_models["qwen"]
+    llm = model.language_model.eval()
+    decoder = TorchDecoder(_hf_dir(model, tmp_path), "cpu", "bf16")
+    assert decoder.dtype == torch.bfloat16 and decoder.kv is None
+    g = torch.Generator().manual_seed(11)
+    agree = total = 0
+    for _ in range(4):
+        embeds = torch.randn(1, 20, llm.config.hidden_size, generator=g) * 0.05
+        with torch.no_grad():
+            want = model.language_model.generate(inputs_embeds=embeds, max_new_tokens=16, do_sample=False,
+                                                 min_new_tokens=16, pad_token_id=0)[0].tolist()
+        decoder.reset(capacity=40)
+        logits = decoder.forward(embeds.numpy())
+        for token in want:
+            agree += int(np.argmax(logits)) == token
+            total += 1
+            logits = decoder.forward_token(token)
+    assert total == 64 and agree / total >= 0.9, agree / total
