@@ -68,14 +68,20 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
 def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print) -> BackendResult:
     """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups."""
     device = torch.device(device)
-    model = PPLLaVA.from_pretrained(checkpoint, dtype=torch.float32 if device.type == "cpu" else torch.float16,
+    already = 0
+    if device.type == "cuda":
+        # the backend measured first still holds its weights and caches: they are not the baseline's
+        torch.cuda.reset_peak_memory_stats(device)
+        already = torch.cuda.memory_allocated(device)
+    # on a GPU, the dtype of the backend compared against (bf16 for a torch-backend engine), else fp16
+    gpu_dtype = torch.bfloat16 if getattr(pipe, "torch_precision", None) == "bf16" else torch.float16
+    model = PPLLaVA.from_pretrained(checkpoint, dtype=torch.float32 if device.type == "cpu" else gpu_dtype,
                                     device=device)
     spec = pipe.manifest.data["preprocessing"]
     size = int(spec["size"])
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
     result = BackendResult("torch-eager")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+
     for r in range(1 + options.warmup + options.repeat):
         clock = _Clock(device)
         t_start = time.perf_counter()
@@ -105,5 +111,5 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
     result.peak_host_mib = peak_host_mib()
     result.device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if device.type == "cuda":
-        result.peak_device_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        result.peak_device_mib = (torch.cuda.max_memory_allocated(device) - already) / 2**20
     return result

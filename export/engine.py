@@ -272,7 +272,8 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
             "hf_dir": "llm_hf",
         },
         "stages": stages,
-        "files": _files(work, [work / "embeddings.safetensors", *sorted((work / "tokenizers").rglob("*"))]),
+        "files": _files(work, [work / "embeddings.safetensors", *sorted((work / "tokenizers").rglob("*")),
+                               *sorted((work / "llm_hf").rglob("*"))]),
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -47,20 +47,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         if device == "cpu":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if dtype not in TORCH_DTYPES:
         raise PPLLaVAError(f"--torch-dtype must be auto or one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     return dtype
 
 
 def device_identity(device: str) -> dict:
-    """What a compiled package is tied to: torch version, device, and for CUDA the GPU and its SM."""
-    identity = {"torch": torch.__version__.split("+")[0], "device": device}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        identity["gpu"] = props.name
-        identity["compute_capability"] = f"{props.major}.{props.minor}"
-    return identity
+    """What a compiled package is tied to: torch version, device, and for CUDA the GPU and its SM;
+    for the CPU the architecture and the vector instruction set Inductor compiled for (a package
+    built with AVX-512 dies with SIGILL on an AVX2-only CPU). The runtime computes the same."""
+    from ppllava.runtime.torch_backend import current_identity
+
+    return current_identity(device)
 
 
 def stage_model(model, dtype: str, device: str):

@@ -15,6 +15,7 @@ import torch
 
 from ppllava.errors import PPLLaVAError
 from ppllava.plan import WindowPlan
+from ppllava.runtime.backends import BackendError
 from ppllava.runtime.manifest import VERIFY
 from ppllava.runtime.pipeline import Pipeline
 
@@ -24,9 +25,12 @@ log = logging.getLogger(__name__)
 TOLERANCES = {
     "fp32": {"vision": 1e-4, "text": 1e-4, "pool": 1e-4},
     "fp16": {"vision": 5e-2, "text": 1e-2, "pool": 5e-2},
-    # the torch backend's bf16 stages (8-bit mantissa: ~8x fp16's rounding)
-    "bf16": {"vision": 2.5e-1, "text": 5e-2, "pool": 2.5e-1},
+    # the torch backend's bf16 stages (8-bit mantissa: ~8x fp16's rounding); judged by mean relative
+    # error, since a max over millions of bf16 features says more about outliers than about accuracy
+    "bf16": {"vision": 5e-2, "text": 5e-2, "pool": 5e-2},
 }
+METRIC = {"fp32": "max_abs", "fp16": "max_abs", "bf16": "mean_rel"}
+TOP1_MIN = 0.9  # below fp32, top-1 agreement with the reference along its greedy tokens
 E2E_PROMPTS = 3
 E2E_NEW_TOKENS = 8
 SEED = 20251124  # not the tracing seed: verification inputs differ from export inputs
@@ -60,19 +64,28 @@ def _clip_ids(model, length: int, real: int, g: torch.Generator) -> tuple[torch.
     return ids, mask
 
 
-def verify_engine(engine_dir: Path, model, precision: str) -> dict:
+def verify_engine(engine_dir: Path, model, precision: str, torch_required: bool = True) -> dict:
     """Check vision/text/pool and, when present, end-to-end greedy tokens, on the onnxruntime
-    backend and, when the engine has torch stages, on the torch backend too. Writes verify.json."""
+    backend and, when the engine has torch stages, on the torch backend too. Writes verify.json.
+
+    ``torch_required=False`` (``ppllava verify`` on another machine): torch stages compiled for
+    another device or torch release are recorded as skipped, with the reason, instead of failing."""
     failures: list[str] = []
     report = _verify_backend(Pipeline.open(engine_dir), model, precision, failures)
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     variant = manifest["stages"]["vision"].get("variants", {}).get("torch")
     if variant is not None:
         torch_failures: list[str] = []
-        report["torch"] = _verify_backend(Pipeline.open(engine_dir, backend="torch"), model, variant["precision"],
-                                          torch_failures)
-        report["torch"]["device"] = variant.get("device")
-        failures += [f"torch {f}" for f in torch_failures]
+        try:
+            torch_pipe = Pipeline.open(engine_dir, backend="torch")
+        except BackendError as exc:
+            if torch_required:
+                raise
+            report["torch"] = {"skipped": str(exc), "device": variant.get("device")}
+        else:
+            report["torch"] = _verify_backend(torch_pipe, model, variant["precision"], torch_failures)
+            report["torch"]["device"] = variant.get("device")
+            failures += [f"torch {f}" for f in torch_failures]
     (engine_dir / VERIFY).write_text(json.dumps(report, indent=2) + "\n")
     if failures:
         raise VerificationError(
@@ -89,11 +102,14 @@ def _verify_backend(pipe: Pipeline, model, precision: str, failures: list[str]) 
     g = torch.Generator().manual_seed(SEED)
     report: dict = {"precision": precision, "tolerances": tolerances, "seed": SEED, "stages": {}, "end_to_end": None}
 
+    metric = METRIC[precision]
+    report["metric"] = metric
+
     def check(stage: str, label: str, got: np.ndarray, want: torch.Tensor) -> None:
         errors = _errors(got, want)
         report["stages"].setdefault(stage, {})[label] = errors
-        if not errors["max_abs"] <= tolerances[stage]:
-            failures.append(f"{stage} [{label}]: max abs error {errors['max_abs']:.3g} > {tolerances[stage]:g}")
+        if not errors[metric] <= tolerances[stage]:
+            failures.append(f"{stage} [{label}]: {metric.replace('_', ' ')} error {errors[metric]:.3g} > {tolerances[stage]:g}")
 
     with torch.no_grad():
         features = {}
@@ -156,8 +172,11 @@ def _end_to_end(pipe: Pipeline, model, g: torch.Generator, precision: str, failu
                       "top1_agree": agree, "steps": len(want)})
     identical = sum(c["identical"] for c in cases)
     steps = sum(c["steps"] for c in cases)
+    agreement = sum(c["top1_agree"] for c in cases) / steps if steps else None
     if precision == "fp32" and identical < len(cases):
         failures.append(f"end to end: greedy tokens identical for {identical}/{len(cases)} prompts")
+    elif precision != "fp32" and agreement is not None and agreement < TOP1_MIN:
+        failures.append(f"end to end: top-1 agreement {agreement:.3f} < {TOP1_MIN} along the reference's tokens")
     return {"media_type": media, "frames": T, "identical": f"{identical}/{len(cases)}",
-            "top1_agreement": round(sum(c["top1_agree"] for c in cases) / steps, 4) if steps else None, "cases": cases,
+            "top1_agreement": None if agreement is None else round(agreement, 4), "cases": cases,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -147,6 +147,9 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
     frames = options.frames if options.video is not None else None
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
     result = BackendResult(name)
+    reset_peak = getattr(pipe, "reset_device_peak", None)  # device backends: peak of this bench only
+    if reset_peak is not None:
+        reset_peak()
     for r in range(1 + options.warmup + options.repeat):
         pipe.cache = FeatureCache()  # every repeat starts cold for the video
         for q, question in enumerate(questions):

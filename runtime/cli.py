@@ -160,6 +160,8 @@ def cmd_bench(args) -> int:
     if args.video is None and args.synthetic_frames is None:
         options.synthetic_frames = 8 if args.random_weights == "small" else 32
     options.validate()
+    if args.backend == "torch" and args.compare in ("int8", "fp8", "int4"):
+        raise InputError(f"--compare {args.compare} compares quantized onnxruntime variants; use --backend onnxruntime")
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
     if args.random_weights:

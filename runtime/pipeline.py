@@ -93,7 +93,7 @@ class Pipeline:
         if self._has_llm(manifest):
             from ppllava.runtime.tensors import map_safetensors
 
-            llm_precision = precision if precision in manifest.stage("llm").get("variants", {}) else None
+            llm_precision = precision if precision in llm_variants else None
             if backend != "tensorrt-llm":  # TensorRT-LLM runs the LLM itself: do not hold a second copy
                 self.decoder = self._open_decoder(manifest, llm_precision, providers, threads)
             # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.

@@ -19,6 +19,7 @@ module) does not import torch.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,16 @@ def current_identity(device: str) -> dict:
     """The torch version and device (for CUDA: GPU name and compute capability) a package must match."""
     torch = _torch()
     identity = {"torch": torch.__version__.split("+")[0], "device": device}
+    if device == "cpu":
+        import platform
+
+        identity["machine"] = platform.machine()
+        try:
+            from torch._inductor.cpu_vec_isa import pick_vec_isa  # what Inductor compiles CPU kernels for
+
+            identity["cpu_isa"] = str(pick_vec_isa()) or "none"
+        except Exception:  # a private helper: tolerate its absence in other torch releases
+            identity["cpu_isa"] = "unknown"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise BackendError("these torch stages were compiled for CUDA, and no CUDA GPU is usable here")
@@ -67,12 +78,24 @@ def current_identity(device: str) -> dict:
 def check_package(variant: dict, current: dict) -> None:
     """Refuse an AOTInductor package compiled for another torch release, device or GPU."""
     for key, label in (("device", "device"), ("torch", "torch version"), ("gpu", "GPU"),
-                       ("compute_capability", "compute capability")):
+                       ("compute_capability", "compute capability"), ("machine", "CPU architecture"),
+                       ("cpu_isa", "CPU vector instruction set")):
         if variant.get(key) != current.get(key):
             raise BackendError(
                 f"{variant.get('file')} was compiled for {label} {variant.get(key)!r}, this machine has "
                 f"{current.get(key)!r}: re-export here with `ppllava export CHECKPOINT --out ENGINE_DIR --torch --force`"
             )
+
+
+@contextmanager
+def _device_errors(what: str):
+    """Device out-of-memory becomes one line instead of a traceback."""
+    torch = _torch()
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise BackendError(f"out of device memory while {what}: use fewer frames (--frames), a smaller --tokens "
+                           "budget or --max-new-tokens, or a smaller dtype") from None
 
 
 class TorchStage:
@@ -104,8 +127,10 @@ class TorchStage:
             dtype = self.dtype if name in self._float else torch.int64
             args.append(tensor.to(device=self.device, dtype=dtype, non_blocking=True).contiguous())
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _device_errors(f"running {self.path.name}"):
                 out = self.runner(*args)
+        except BackendError:
+            raise
         except Exception as exc:  # shapes outside the compiled ranges end up here
             raise BackendError(f"{self.path.name} failed: {first_line(exc)}") from None
         outs = out if isinstance(out, (list, tuple)) else [out]
@@ -178,15 +203,16 @@ class TorchDecoder:
             config = AutoConfig.from_pretrained(hf_dir)
             model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, dtype=_dtype(precision),
                                                          attn_implementation="sdpa")
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot load the LLM from {hf_dir}: {first_line(exc)}") from None
+        except Exception as exc:  # OSError, ValueError, safetensors' own error for a damaged file, ...
+            raise EngineError(f"cannot load the LLM from {hf_dir}: {first_line(exc)}; re-export") from None
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             raise BackendError("this LLM uses sliding-window attention, which the torch backend's static cache "
                                "does not implement; use the onnxruntime backend")
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = _dtype(precision)
-        self.model = model.to(self.device).eval()
+        with _device_errors("loading the LLM"):
+            self.model = model.to(self.device).eval()
         # every attention module reads its implementation from the (shared) config at call time
         self.model.config._attn_implementation = _register_attention()
         core = self.model.model
@@ -201,6 +227,11 @@ class TorchDecoder:
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        rope = getattr(self.rotary, "rope_type", "default")
+        if self.cuda_graph and rope in ("dynamic", "longrope"):
+            # their frequency update compares a device value on the host: not capturable
+            log.warning("%s RoPE cannot be captured in a CUDA graph; decoding without one", rope)
+            self.cuda_graph = False
         if self.cuda_graph and self.device.type != "cuda":
             raise BackendError("CUDA graphs need the LLM on a CUDA device")
         self.kv: StaticKVCache | None = None
@@ -216,7 +247,8 @@ class TorchDecoder:
         if self.kv is None or self.kv.capacity < want or self.kv.capacity > 2 * want:
             self.kv = None
             self._graph = None  # captured against the old buffers
-            self.kv = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, want, self.dtype, self.device)
+            with _device_errors(f"allocating the KV cache for {want} positions"):
+                self.kv = StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, want, self.dtype, self.device)
             self._positions = self.torch.arange(want, device=self.device)
             self._token = self.torch.zeros((1, 1), dtype=self.torch.long, device=self.device)
             self._position = self.torch.zeros((1,), dtype=self.torch.long, device=self.device)
@@ -251,7 +283,7 @@ class TorchDecoder:
         steps = int(embeds.shape[1])
         if self.length + steps > self.kv.capacity:
             raise BackendError(f"sequence of {self.length + steps} tokens exceeds the KV cache of {self.kv.capacity}")
-        with torch.inference_mode():
+        with torch.inference_mode(), _device_errors(f"prefilling {steps} tokens"):
             position = torch.arange(self.length, self.length + steps, device=self.device)
             logits = self._run(self._as_embeds(embeds), position)
             self.length += steps
@@ -262,7 +294,7 @@ class TorchDecoder:
         torch = self.torch
         if self.kv is None or self.length + 1 > self.kv.capacity:
             raise BackendError(f"sequence of {self.length + 1} tokens exceeds the KV cache")
-        with torch.inference_mode():
+        with torch.inference_mode(), _device_errors("decoding"):
             self._token.fill_(int(token))
             self._position.fill_(self.length)
             if self.cuda_graph:
@@ -322,6 +354,8 @@ class TorchPipeline(Pipeline):
             raise EngineError("--precision picks onnxruntime/TensorRT variants; the torch backend runs the dtype "
                               "its stages were compiled in (ppllava export --torch --torch-dtype)")
         super().__init__(manifest, providers, threads, None, backend)
+        # cached features differ by dtype and device, not only by package file
+        self.engine_id += f":{self.torch_precision}:{self.device}"
 
     def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
         missing = [n for n in names if VARIANT not in manifest.stage(n).get("variants", {})]
@@ -331,11 +365,16 @@ class TorchPipeline(Pipeline):
         variants = {n: manifest.stage(n)["variants"][VARIANT] for n in names}
         self.device = variants["vision"].get("device", "cpu")
         self.torch_precision = variants["vision"]["precision"]
+        if threads:
+            _torch().set_num_threads(threads)
         return {n: TorchStage(manifest.root, v) for n, v in variants.items()}
 
     def _has_llm(self, manifest: Manifest) -> bool:
         hf_dir = manifest.data["llm"].get("hf_dir")
-        return bool(hf_dir) and (manifest.root / hf_dir / "config.json").is_file()
+        if hf_dir and not (manifest.root / hf_dir / "config.json").is_file():
+            raise EngineError(f"{manifest.root / hf_dir} is missing or incomplete: the torch backend's LLM; "
+                              "re-export or copy the whole engine dir")
+        return bool(hf_dir)
 
     def _open_decoder(self, manifest: Manifest, llm_precision, providers, threads):
         return TorchDecoder(manifest.root / manifest.data["llm"]["hf_dir"], self.device, self.torch_precision)
@@ -357,6 +396,10 @@ class TorchPipeline(Pipeline):
     def _sync(self) -> None:
         if self.device == "cuda":
             _torch().cuda.synchronize()
+
+    def reset_device_peak(self) -> None:
+        if self.device == "cuda":
+            _torch().cuda.reset_peak_memory_stats()
 
     def device_info(self) -> tuple[str, float | None]:
         """(device name, peak device memory in MiB since start) for bench reports."""

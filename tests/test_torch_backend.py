@@ -148,20 +148,38 @@ def test_static_cache_sizes_and_refusals(tiny_models, tmp_path):
     from ppllava.runtime.torch_backend import CACHE_STEP, TorchDecoder
 
     model = tiny_models["vicuna"]
-    decoder = TorchDecoder(_hf_dir(model, tmp_path), "cpu", "fp32")
+    hf_dir = _hf_dir(model, tmp_path)
+    decoder = TorchDecoder(hf_dir, "cpu", "fp32")
+    decoder.context = 8 * CACHE_STEP  # the tiny LLM's 256 positions would make every request one bucket
     decoder.reset(capacity=10)
-    assert decoder.kv.capacity == min(CACHE_STEP, decoder.context)
+    assert decoder.kv.capacity == CACHE_STEP
     first = decoder.kv
-    decoder.reset(capacity=CACHE_STEP // 2 + 1)
-    assert decoder.kv is first  # fits and is not more than twice too large: reused
+    decoder.reset(capacity=CACHE_STEP - 1)
+    assert decoder.kv is first  # fits: reused
+    decoder.reset(capacity=CACHE_STEP + 1)
+    assert decoder.kv is not first and decoder.kv.capacity == 2 * CACHE_STEP  # grows by whole steps
+    grown = decoder.kv
+    decoder.reset(capacity=CACHE_STEP + 5)
+    assert decoder.kv is grown  # 512 for a 261-token request: not more than twice too large
+    decoder.reset(capacity=20)
+    assert decoder.kv is grown  # 512 for 256: exactly twice, still reused
+    decoder.reset(capacity=3 * CACHE_STEP - 5)
+    assert decoder.kv.capacity == 3 * CACHE_STEP
+    decoder.reset(capacity=20)
+    assert decoder.kv.capacity == CACHE_STEP  # 768 for 256: more than twice too large, shrunk
+    decoder.reset(capacity=10 * CACHE_STEP)
+    assert decoder.kv.capacity == decoder.context  # never past the LLM's context
     hidden = model.language_model.config.hidden_size
     with pytest.raises(BackendError, match="exceeds the KV cache"):
         decoder.forward(np.zeros((1, decoder.kv.capacity + 1, hidden), np.float32))
     with pytest.raises(BackendError, match="CUDA"):
-        TorchDecoder(decoder_dir := tmp_path / "llm_hf", "cpu", "fp32", cuda_graph=True)
-    assert decoder_dir.is_dir()
+        TorchDecoder(hf_dir, "cpu", "fp32", cuda_graph=True)
     with pytest.raises(EngineError, match="no config.json"):
         TorchDecoder(tmp_path, "cpu", "fp32")
+    weights = next(hf_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(EngineError, match="cannot load the LLM"):
+        TorchDecoder(hf_dir, "cpu", "fp32")
 
 
 # ------------------------------------------------------------------ the whole pipeline
@@ -212,6 +230,27 @@ def _one_line_error(args) -> str:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     return lines[0]
+
+
+def test_torch_engine_without_onnx_llm(tiny_dirs, tiny_models, tmp_path):
+    """`export --torch --llm none` (what `bench --random-weights --backend torch` builds): the torch
+    backend still has its LLM (llm_hf/), verified end to end at export; llm_hf/ is in the manifest."""
+    from ppllava.export.engine import ExportOptions, export_engine
+
+    engine = tmp_path / "torch_only"
+    export_engine(ExportOptions(tiny_dirs["qwen"], engine, max_frames=2, llm="none", torch=True, torch_device="cpu"),
+                  report=lambda line: None)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert "llm" not in manifest["stages"] and any(f.startswith("llm_hf/") for f in manifest["files"])
+    assert json.loads((engine / "verify.json").read_text())["torch"]["end_to_end"]["identical"] == "3/3"
+    pipe = Pipeline.open(engine, backend="torch")
+    model = tiny_models["qwen"]
+    px, clip_ids, ids = _reference_pipe_inputs(model, 2, seed=4)
+    want = model.generate(ids, pixel_values=px, clip_ids=clip_ids, media_type="video", max_new_tokens=6)[0].tolist()
+    assert pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=6).token_ids == want
+    shutil.rmtree(engine / "llm_hf")
+    with pytest.raises(EngineError, match="llm_hf"):
+        Pipeline.open(engine, backend="torch")
 
 
 def test_engine_without_torch_stages_is_refused(tiny_dirs, tmp_path):
@@ -266,17 +305,21 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
     hf_dir = _hf_dir(model, tmp_path)
     hidden = model.language_model.config.hidden_size
     embeds = np.random.default_rng(0).normal(0, 0.05, (1, 40, hidden)).astype(np.float32)
-    runs = {}
-    for graph in (False, True):
-        decoder = TorchDecoder(hf_dir, "cuda", "fp32", cuda_graph=graph)
-        decoder.reset(capacity=80)
-        logits, tokens = decoder.forward(embeds), []
+    def run(decoder, prompt, capacity):
+        decoder.reset(capacity=capacity)
+        logits, tokens = decoder.forward(prompt), []
         for _ in range(30):
             tokens.append(int(np.argmax(logits)))
             logits = decoder.forward_token(tokens[-1])
-        runs[graph] = tokens
-        assert decoder.graph_captures == (1 if graph else 0)
-    assert runs[True] == runs[False]
+        return tokens
+
+    for precision in ("fp32", "bf16"):
+        eager = TorchDecoder(hf_dir, "cuda", precision, cuda_graph=False)
+        graphed = TorchDecoder(hf_dir, "cuda", precision, cuda_graph=True)
+        # same capacity twice (the graph is replayed, not recaptured), then a larger cache (recaptured)
+        for prompt, capacity, captures in ((embeds, 80, 1), (embeds[:, :25], 80, 1), (embeds, 300, 2)):
+            assert run(graphed, prompt, capacity) == run(eager, prompt, capacity), (precision, capacity)
+            assert graphed.graph_captures == captures and eager.graph_captures == 0
 
 
 def test_grouped_sdpa_equals_repeated_kv_attention():
