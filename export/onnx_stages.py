@@ -76,18 +76,24 @@ def example_inputs(model, stage: str, frames: int, dtype: torch.dtype, seed: int
     return (features, text.to(dtype), index)
 
 
+def dynamic_shapes(stage: str, ranges: dict[str, dict[str, int]]) -> dict:
+    """torch.export's dynamic_shapes for a stage, from the manifest's ranges (shared by the ONNX and
+    the AOTInductor exports)."""
+    # torch.export needs max > min; a 1-frame engine still traces with room for 2 (the manifest keeps 1).
+    dims = {name: torch.export.Dim(name, min=r["min"], max=max(r["max"], r["min"] + 1)) for name, r in ranges.items()}
+    return {
+        arg: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[stage].get(arg, {}).items()} or None
+        for arg in STAGES[stage].inputs
+    }
+
+
 def export_stage(model, stage: str, out_path: Path, ranges: dict[str, dict[str, int]], frames: int,
                  dtype: torch.dtype) -> dict:
     """Export one stage to ``out_path``; returns its manifest entry (IO names, dtypes, shapes)."""
     spec = STAGES[stage]
     module = spec.wrapper(model).eval()
     inputs = example_inputs(model, stage, frames, dtype)
-    # torch.export needs max > min; a 1-frame engine still traces with room for 2 (the manifest keeps 1).
-    dims = {name: torch.export.Dim(name, min=r["min"], max=max(r["max"], r["min"] + 1)) for name, r in ranges.items()}
-    dynamic = {
-        arg: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[stage].get(arg, {}).items()} or None
-        for arg in spec.inputs
-    }
+    dynamic = dynamic_shapes(stage, ranges)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     # The exporter logs at WARNING that torchvision's ops are not registered (we use none of them).
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import torch
 
 from ppllava.errors import PPLLaVAError
-from ppllava.export.onnx_stages import DYNAMIC_AXES, example_inputs
+from ppllava.export.onnx_stages import DYNAMIC_AXES, dynamic_shapes, example_inputs
 from ppllava.export.stages import STAGES
+from ppllava.runtime.backends import first_line
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +87,19 @@ def export_torch_stage(model, stage: str, out_path: Path, ranges: dict[str, dict
     spec = STAGES[stage]
     module = spec.wrapper(model).eval()
     inputs = _on(example_inputs(model, stage, frames, torch.float32), device, TORCH_DTYPES[dtype])
-    dims = {name: torch.export.Dim(name, min=r["min"], max=max(r["max"], r["min"] + 1)) for name, r in ranges.items()}
-    dynamic = {
-        arg: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[stage].get(arg, {}).items()} or None
-        for arg in spec.inputs
-    }
+    dynamic = dynamic_shapes(stage, ranges)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # torch.export raises many types; the first line says what failed
-            raise TorchExportError(f"torch.export failed for the {stage} stage: {_first_line(exc)}") from exc
+            raise TorchExportError(f"torch.export failed for the {stage} stage: {first_line(exc)}") from exc
         out_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_path))
         except Exception as exc:  # inductor / the C++ or CUDA toolchain
             raise TorchExportError(f"AOTInductor could not compile the {stage} stage for {device}: "
-                                   f"{_first_line(exc)} (a C++ compiler is needed, and Triton for CUDA)") from exc
+                                   f"{first_line(exc)} (a C++ compiler is needed, and Triton for CUDA)") from exc
     dyn_names = {arg: {str(axis): name for axis, name in DYNAMIC_AXES[stage].get(arg, {}).items()} for arg in spec.inputs}
     return {
         "inputs": [{"name": n, "dtype": _dtype_name(t), "rank": t.dim(), "dynamic": dyn_names[n]}
@@ -114,8 +111,3 @@ def export_torch_stage(model, stage: str, out_path: Path, ranges: dict[str, dict
 def _dtype_name(t: torch.Tensor) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
             torch.int64: "int64"}.get(t.dtype, str(t.dtype).removeprefix("torch."))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -71,9 +71,9 @@ def verify_engine(engine_dir: Path, model, precision: str, torch_required: bool 
     ``torch_required=False`` (``ppllava verify`` on another machine): torch stages compiled for
     another device or torch release are recorded as skipped, with the reason, instead of failing."""
     failures: list[str] = []
-    report = _verify_backend(Pipeline.open(engine_dir), model, precision, failures)
-    manifest = json.loads((engine_dir / "manifest.json").read_text())
-    variant = manifest["stages"]["vision"].get("variants", {}).get("torch")
+    pipe = Pipeline.open(engine_dir)
+    report = _verify_backend(pipe, model, precision, failures)
+    variant = pipe.manifest.stage("vision").get("variants", {}).get("torch")
     if variant is not None:
         torch_failures: list[str] = []
         try:

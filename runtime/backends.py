@@ -95,6 +95,15 @@ class OrtStage:
         return dict(zip(self.output_names, outputs))
 
 
+def check_identity(variant: dict, current: dict, fields: tuple[tuple[str, str], ...], verb: str, remedy: str) -> None:
+    """Refuse an artifact compiled for another machine: every (key, label) in ``fields`` recorded in
+    ``variant`` must equal this machine's ``current`` value."""
+    for key, label in fields:
+        if variant.get(key) != current.get(key):
+            raise BackendError(f"{variant.get('file')} was {verb} for {label} {variant.get(key)!r}, this machine has "
+                               f"{current.get(key)!r}: {remedy}")
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -207,19 +207,24 @@ class Pipeline:
     def embed_prompt(self, input_ids: np.ndarray, visual: np.ndarray) -> np.ndarray:
         """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D); as upstream,
         prompt tokens equal to the pad id embed to zeros."""
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        where = np.flatnonzero(ids[0] == self.image_token_id)
+        text_ids, pos, pads = self._prompt_parts(input_ids)
+        embeds = self.embed_tokens[text_ids].astype(np.float32)
+        embeds[pads] = 0.0
+        return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
+
+    def _prompt_parts(self, input_ids) -> tuple[np.ndarray, int, np.ndarray]:
+        """Checked prompt ids -> (text ids with the image token as 0, image-token position, mask of
+        the pad-id tokens, which embed to zeros as upstream)."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        where = np.flatnonzero(ids == self.image_token_id)
         if where.size != 1:
             raise InputError(f"input_ids must hold exactly one image token ({self.image_token_id}), found {where.size}")
         vocab = self.embed_tokens.shape[0]
-        text_ids = np.where(ids[0] == self.image_token_id, 0, ids[0])
+        text_ids = np.where(ids == self.image_token_id, 0, ids)
         if text_ids.min() < 0 or text_ids.max() >= vocab:
             raise InputError(f"input_ids must lie in [0, {vocab}) apart from the image token")
-        embeds = self.embed_tokens[text_ids].astype(np.float32)
-        if self.pad_token_id is not None:
-            embeds[ids[0] == self.pad_token_id] = 0.0
-        pos = int(where[0])
-        return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
+        pads = ids == self.pad_token_id if self.pad_token_id is not None else np.zeros(ids.shape, bool)
+        return text_ids, int(where[0]), pads
 
     def forced_choices(self, pixel_values, clip_ids, input_ids, forced: list[int], clip_mask=None,
                        media_type: str = "video", plan: WindowPlan | None = None) -> list[int]:

@@ -10,17 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError
-from ppllava.runtime.backends import BackendError
+from ppllava.runtime.backends import BackendError, check_identity
 
 
 def check_plan(variant: dict, current: dict) -> None:
     """Refuse a plan whose TensorRT version or GPU differs from this machine's."""
-    for key, label in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
-        if variant.get(key) != current.get(key):
-            raise BackendError(
-                f"{variant.get('file')} was built for {label} {variant.get(key)!r}, this machine has "
-                f"{current.get(key)!r}: rebuild it here with `ppllava build-engines`"
-            )
+    check_identity(variant, current, (("tensorrt", "TensorRT version"), ("gpu", "GPU"),
+                                      ("compute_capability", "compute capability")),
+                   "built", "rebuild it here with `ppllava build-engines`")
 
 
 def current_identity() -> dict:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.errors import InputError
-from ppllava.runtime.backends import BackendError, first_line
+from ppllava.runtime.backends import BackendError, check_identity, first_line
 from ppllava.runtime.manifest import EngineError, Manifest
 from ppllava.runtime.pipeline import Pipeline
 
@@ -77,14 +76,10 @@ def current_identity(device: str) -> dict:
 
 def check_package(variant: dict, current: dict) -> None:
     """Refuse an AOTInductor package compiled for another torch release, device or GPU."""
-    for key, label in (("device", "device"), ("torch", "torch version"), ("gpu", "GPU"),
-                       ("compute_capability", "compute capability"), ("machine", "CPU architecture"),
-                       ("cpu_isa", "CPU vector instruction set")):
-        if variant.get(key) != current.get(key):
-            raise BackendError(
-                f"{variant.get('file')} was compiled for {label} {variant.get(key)!r}, this machine has "
-                f"{current.get(key)!r}: re-export here with `ppllava export CHECKPOINT --out ENGINE_DIR --torch --force`"
-            )
+    check_identity(variant, current, (("device", "device"), ("torch", "torch version"), ("gpu", "GPU"),
+                                      ("compute_capability", "compute capability"), ("machine", "CPU architecture"),
+                                      ("cpu_isa", "CPU vector instruction set")),
+                   "compiled", "re-export here with `ppllava export CHECKPOINT --out ENGINE_DIR --torch --force`")
 
 
 @contextmanager
@@ -327,22 +322,13 @@ class TorchDecoder:
         self.graph_captures += 1
 
     # ------------------------------------------------------------ prompt
-    def embed_prompt(self, input_ids: np.ndarray, visual, image_token_id: int, pad_token_id: int | None):
-        """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D) on the device;
-        prompt tokens equal to the pad id embed to zeros, as upstream."""
+    def embed_prompt(self, text_ids: np.ndarray, pos: int, pads: np.ndarray, visual):
+        """Checked prompt parts (``Pipeline._prompt_parts``) + (K, D) visual tokens -> (1, L - 1 + K, D)
+        on the device, the visual tokens at the image token's position, pad-id tokens zero."""
         torch = self.torch
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        where = np.flatnonzero(ids == image_token_id)
-        if where.size != 1:
-            raise InputError(f"input_ids must hold exactly one image token ({image_token_id}), found {where.size}")
-        text_ids = np.where(ids == image_token_id, 0, ids)
-        if text_ids.min() < 0 or text_ids.max() >= self.vocab:
-            raise InputError(f"input_ids must lie in [0, {self.vocab}) apart from the image token")
         with torch.inference_mode():
             text = self.embed(torch.from_numpy(text_ids).to(self.device))
-            if pad_token_id is not None:
-                text = text.masked_fill(torch.from_numpy(ids == pad_token_id).to(self.device)[:, None], 0.0)
-            pos = int(where[0])
+            text = text.masked_fill(torch.from_numpy(pads).to(self.device)[:, None], 0.0)
             return torch.cat([text[:pos], self._as_embeds(visual), text[pos + 1 :]])[None]
 
 
@@ -388,7 +374,7 @@ class TorchPipeline(Pipeline):
         return torch.cat([tokens, row[None]])
 
     def _embed_prompt(self, input_ids, visual):
-        return self.decoder.embed_prompt(input_ids, visual, self.image_token_id, self.pad_token_id)
+        return self.decoder.embed_prompt(*self._prompt_parts(input_ids), visual)
 
     def _next_logits(self, token: int) -> np.ndarray:
         return self.decoder.forward_token(token)
