@@ -15,6 +15,7 @@ import torch
 
 from ppllava.errors import PPLLaVAError
 from ppllava.export.stages import STAGES
+from ppllava.seeded import Seeded
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,15 @@ def dynamic_ranges(model, max_frames: int, default_frames: int) -> dict[str, dic
 def example_inputs(model, stage: str, frames: int, dtype: torch.dtype, seed: int = 1234) -> tuple:
     """Inputs for tracing (and, with another seed and size, for verification)."""
     cfg = model.config
-    g = torch.Generator().manual_seed(seed)
+    g = Seeded(seed)
     if stage == "vision":
         S = cfg.image_size
-        return (torch.randn(frames, 3, S, S, generator=g).to(dtype),)
+        return (torch.from_numpy(g.normal(frames, 3, S, S)).to(dtype),)
     if stage == "text":
         length = min(30, model.alignment.positions)
         vocab = model.multi_modal_projector.clip_text_model.embeddings.token_embedding.num_embeddings
-        return (torch.randint(3, vocab - 1, (1, length), generator=g), torch.ones(1, length, dtype=torch.long))
-    features = torch.randn(frames, cfg.num_patches, cfg.vision["hidden_size"], generator=g).to(dtype)
+        return (torch.from_numpy(g.integers(3, vocab - 1, 1, length)), torch.ones(1, length, dtype=torch.long))
+    features = torch.from_numpy(g.normal(frames, cfg.num_patches, cfg.vision["hidden_size"])).to(dtype)
     with torch.no_grad():
         text = model.multi_modal_projector.text_embedding(*example_inputs(model, "text", frames, dtype, seed))
     try:

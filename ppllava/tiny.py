@@ -2,7 +2,8 @@
 
 Sizes follow ``../shared/formats`` (42 px images, 7 px patches -> 6x6 grid, 4-layer ViT of width
 32, 2-layer LLM of width 64, vocab 1024, image token 1000). Weights are random but drawn from a
-seeded generator, so the same seed always gives the same bytes.
+portable seeded generator (``ppllava.seeded``), so the same seed gives the same bytes on every CPU
+and under every ATen kernel set; tests/test_checkpoint.py checks the SHA-256 under each.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from ppllava.seeded import Seeded
 
 VICUNA_CONFIG: dict[str, Any] = {
     "architectures": ["LlavaInterleaveForConditionalGeneration"],
@@ -141,10 +146,10 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
     alignment_config = AlignmentConfig.from_dict(alignment, "tiny alignment config")
     model = PPLLaVA.build_empty(cfg, alignment_config)
     tied = bool(model.language_model.config.tie_word_embeddings)
-    gen = torch.Generator().manual_seed(seed)
+    gen = Seeded(seed)
 
-    def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=gen) * std
+    def randn(*shape, std=1.0, mean=0.0, dtype=np.float32):
+        return torch.from_numpy(gen.normal(*shape, std=std, mean=mean, dtype=dtype))
 
     norm_params = {
         f"{mod_name}.{p}"
@@ -161,7 +166,7 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
         if name.endswith("position_embedding") or name.endswith("position_embedding_res"):
             continue  # filled below from one original-length table
         if name in norm_params:
-            value = (1.0 + randn(*shape, std=0.1)) if leaf == "weight" else randn(*shape, std=0.05)
+            value = randn(*shape, std=0.1, mean=1.0) if leaf == "weight" else randn(*shape, std=0.05)
         elif name.endswith("logit_scale"):
             value = torch.full(shape, math.log(100.0))  # CLIP's trained temperature: a peaky relevance softmax
         elif name.endswith("logit_bias"):
@@ -175,12 +180,15 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
             value = randn(*shape, std=0.5)
         state[name] = (value if dtype is None else value.to(dtype)).contiguous()
     # The extended position table: a random original-length table stretched as upstream does, then a
-    # "trained" residual copy that differs from it (both are stored, both are read).
+    # "trained" residual copy that differs from it (both are stored, both are read). Stretched and
+    # summed in float64 (elementwise IEEE operations, the same on every CPU), then rounded once.
     width = int(alignment["text_config"]["hidden_size"])
-    table = extend_position_table(randn(alignment_config.original_positions, width, std=0.1))
+    table = extend_position_table(randn(alignment_config.original_positions, width, std=0.1, dtype=np.float64))
+    residual = table + randn(*table.shape, std=0.02, dtype=np.float64)
     prefix = "multi_modal_projector.clip_text_model.embeddings."
-    state[prefix + "position_embedding"] = table
-    state[prefix + "position_embedding_res"] = table + randn(*table.shape, std=0.02)
+    for name, value in ((prefix + "position_embedding", table), (prefix + "position_embedding_res", residual)):
+        value = value.to(torch.float32)
+        state[name] = (value if dtype is None else value.to(dtype)).contiguous()
     return state
 
 

@@ -35,6 +35,43 @@ def test_make_tiny_is_deterministic(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+_DIGESTS = """
+import hashlib, json, sys, tempfile
+from pathlib import Path
+import torch
+from ppllava.tiny import make_tiny
+out = {}
+for variant in ("vicuna", "qwen"):
+    path = make_tiny(Path(tempfile.mkdtemp()) / variant, variant, seed=0)
+    out[variant] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "sha256": out}))
+"""
+
+
+@pytest.mark.numerics
+def test_make_tiny_is_the_same_bytes_under_every_kernel_set():
+    """Guards against seeded checkpoints that depend on the CPU: torch.randn's vectorised sampler
+    draws other numbers under another SIMD width, so fixtures computed on one machine would not
+    match the checkpoint rebuilt on another. The fixtures' recorded SHA-256 must come out under
+    every ATen kernel set this CPU offers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "data" / "upstream" / "checkpoints.json").read_text())
+    seen = {}
+    for capability in ("default", "avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        r = subprocess.run([sys.executable, "-c", _DIGESTS], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        seen[result["capability"]] = result["sha256"]  # an unsupported request falls back to a lower set
+    assert "DEFAULT" in seen, seen
+    for capability, digests in seen.items():
+        assert digests == recorded["checkpoint_sha256"], f"make_tiny(seed=0) under {capability}: {digests}"
+
+
 def _rewrite(path, change):
     state = load_file(str(path / "model.safetensors"))
     change(state)

@@ -8,22 +8,25 @@ import torch
 from ppllava import PPLLaVA
 from ppllava.errors import InputError
 from ppllava.plan import WindowPlan
+from ppllava.seeded import Seeded
 from ppllava.tiny import make_tiny
+
+pytestmark = pytest.mark.numerics  # floating-point verdicts: CI reruns them under ATEN_CPU_CAPABILITY=default
 
 VARIANTS = ["vicuna", "qwen"]
 PROMPT = torch.tensor([[1, 11, 12, 13, 1000, 21, 22, 23, 24]])
 
 
 def clip_ids(variant, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = Seeded(seed)
     if variant == "vicuna":
-        body = torch.randint(300, 40000, (10,), generator=g).tolist()
+        body = g.integers(300, 40000, 10).tolist()
         return torch.tensor([[49406, *body, 49407] + [49407] * 20])
-    return torch.randint(3, 1000, (1, 24), generator=g)
+    return torch.from_numpy(g.integers(3, 1000, 1, 24))
 
 
 def frames(n, seed=0):
-    return torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(seed))
+    return torch.from_numpy(Seeded(seed).normal(n, 3, 42, 42))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -53,11 +56,14 @@ def test_token_counts(tiny_models, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_question_changes_the_tokens(tiny_models, variant):
+    # Bug class: pooling that ignores the question. With temperature-0.01 pooling on random tiny
+    # weights, two random questions may well pick the same token in every window (then the tokens
+    # differ by rounding only), so look at five: some pair must select differently.
     model = tiny_models[variant]
     px = frames(4)
-    a = model.encode_video(px, clip_ids(variant, 0))
-    b = model.encode_video(px, clip_ids(variant, 1))
-    assert (a - b).abs().max() > 1e-3
+    with torch.no_grad():
+        tokens = [model.encode_video(px, clip_ids(variant, seed)) for seed in range(5)]
+    assert max(float((t - tokens[0]).abs().max()) for t in tokens[1:]) > 1e-2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -200,9 +206,18 @@ def test_bfloat16_keeps_rope_in_float32(tiny_dirs):
     assert model.dtype == torch.bfloat16
     buffers = dict(model.language_model.named_buffers())
     assert buffers and all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith("inv_freq"))
-    a = ref(PROMPT, pixel_values=frames(4), clip_ids=clip_ids("vicuna")).logits
-    b = model(PROMPT, pixel_values=frames(4), clip_ids=clip_ids("vicuna")).logits.float()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    from ppllava.numerics import cast_bound
+
+    def logits(m, px):
+        return m(PROMPT, pixel_values=px, clip_ids=clip_ids("vicuna")).logits
+
+    with torch.no_grad():
+        a, b = logits(ref, frames(4)), logits(model, frames(4)).float()
+    # Within what rounding to bf16 explains (a top-1 agreement rate would only restate this bound,
+    # and on random tiny weights it moves with the CPU's kernels: 1.0 under AVX-512, 0.94 without).
+    bound = cast_bound(logits, ref, frames(4))
+    err = float((a - b).abs().max())
+    assert err <= bound.value, f"bf16 logits differ from fp32 by {err:.3g} > {bound.describe()}"
 
 
 def test_api_inputs_are_converted_or_refused(tiny_models):

