@@ -2,7 +2,7 @@
 # The torch-free runtime on linux-aarch64 (Jetson's CPU), under qemu user-mode emulation.
 #
 # Called by .ci/run after the x86 venv (.venv) is installed, from the repo root: bash .ci/aarch64.sh
-#   1. qemu-user-static from Debian apt (skipped when qemu-aarch64-static is already there);
+#   1. qemu-user-static: the machine's, or Debian's package unpacked into the cache (not installed);
 #   2. an arm64 Python 3.11 sysroot: python3.11-minimal, libpython3.11-stdlib and libstdc++6 (which
 #      the manylinux wheels expect from the system) with the dependency closure that apt itself
 #      resolves, unpacked with dpkg -x. apt runs on a private state directory (own lists, own empty
@@ -100,20 +100,40 @@ fetched() {  # bytes apt says it fetched, from a log
 dir_bytes() { du -sb "$1" 2>/dev/null | cut -f1 || echo 0; }
 
 # ------------------------------------------------------------------------------------ 1. qemu
-step "qemu-user-static (Debian apt)"
-if ! command -v qemu-aarch64-static >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "qemu-aarch64-static is missing and installing it needs root (apt-get install qemu-user-static)"
-  mkdir -p "$CACHE/qemu"
-  if ! ls "$CACHE"/qemu/qemu-user-static_*.deb >/dev/null 2>&1; then
-    logged apt-update 300 apt-get -q update
-    DL=$((DL + $(fetched "$RUN/logs/apt-update.log")))
-    (cd "$CACHE/qemu" && logged apt-download-qemu 600 apt-get -q download qemu-user-static)
-    DL=$((DL + $(dir_bytes "$CACHE/qemu")))
+# The machine's own qemu-aarch64-static if it has one; else Debian's package for this machine's
+# architecture, downloaded through a private apt state and unpacked with dpkg -x into the cache
+# (a static binary: nothing is installed, no root needed, no binfmt handler registered).
+step "qemu-user-static (Debian package, unpacked into the cache)"
+QEMU=$(command -v qemu-aarch64-static || true)
+if [ -n "${PPLLAVA_CI_OWN_QEMU:-}" ]; then QEMU=""; fi  # force the unpacked one (to test this path)
+if [ -z "$QEMU" ]; then
+  QROOT=$CACHE/qemu-root
+  if [ "$REFRESH" = 1 ] || [ ! -x "$QROOT/usr/bin/qemu-aarch64-static" ]; then
+    APTQ=$CACHE/apt-host
+    rm -rf "$APTQ" "$QROOT" "$QROOT.tmp"
+    mkdir -p "$APTQ/state/lists/partial" "$APTQ/cache/archives/partial" "$APTQ/preferences.d"
+    : >"$APTQ/status"
+    HOST_ARCH=$(dpkg --print-architecture)
+    cat >"$APTQ/apt.conf" <<EOF
+APT::Architecture "$HOST_ARCH";
+APT::Architectures { "$HOST_ARCH"; };
+Dir::State "$APTQ/state";
+Dir::State::status "$APTQ/status";
+Dir::Cache "$APTQ/cache";
+Dir::Etc::Preferences "$APTQ/preferences";
+Dir::Etc::PreferencesParts "$APTQ/preferences.d";
+Acquire::Languages "none";
+EOF
+    APT_CONFIG=$APTQ/apt.conf logged apt-update-host 300 apt-get -q update
+    DL=$((DL + $(fetched "$RUN/logs/apt-update-host.log")))
+    (cd "$APTQ/cache/archives" && APT_CONFIG=$APTQ/apt.conf logged apt-download-qemu 600 apt-get -q download qemu-user-static)
+    DL=$((DL + $(dir_bytes "$APTQ/cache/archives")))
+    mkdir -p "$QROOT.tmp"
+    dpkg -x "$(ls "$APTQ"/cache/archives/qemu-user-static_*.deb | tail -n 1)" "$QROOT.tmp"
+    mv "$QROOT.tmp" "$QROOT"
   fi
-  DEBIAN_FRONTEND=noninteractive logged apt-install-qemu 600 \
-    apt-get install -y -q -o DPkg::Lock::Timeout=120 --no-install-recommends "$(ls "$CACHE"/qemu/qemu-user-static_*.deb | tail -n 1)"
+  QEMU=$QROOT/usr/bin/qemu-aarch64-static
 fi
-QEMU=$(command -v qemu-aarch64-static)
 "$QEMU" --version | head -n 1
 
 # --------------------------------------------------------------------------- 2. arm64 sysroot

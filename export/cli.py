@@ -62,7 +62,11 @@ def cmd_verify(args) -> int:
         for label, errors in checks.items():
             print(f"{stage:<7} {label:<24} max abs {errors['max_abs']:.2e}  mean rel {errors['mean_rel']:.2e}")
     if report["end_to_end"]:
-        print(f"end to end: greedy tokens identical for {report['end_to_end']['identical']} prompts")
+        e2e = report["end_to_end"]
+        line = f"end to end: greedy tokens identical for {e2e['identical']} prompts"
+        if e2e.get("agreeing"):
+            line += f", agreeing at every decidable step for {e2e['agreeing']} ({e2e['decidable_steps']} steps decidable)"
+        print(line)
     if report.get("torch", {}).get("skipped"):
         print(f"torch stages not checked here: {report['torch']['skipped']}")
     elif report.get("torch"):

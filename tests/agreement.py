@@ -44,4 +44,6 @@ def assert_greedy_agrees(model, pipe, got: list[int], px, clip_ids, ids, clip_ma
     for step, gap in verdict.ambiguous:
         warnings.warn(f"{label}: greedy step {step} is a near-tie (top-2 gap {gap:.2e} within 2 x {bound.value:.2e})")
     assert not verdict.mismatches, f"{label}: (step, engine, reference, gap) {verdict.mismatches}; {bound.describe()}"
+    decidable = verdict.steps - len(verdict.ambiguous)
+    assert decidable >= verdict.steps / 2, f"{label}: only {decidable}/{verdict.steps} steps decidable ({bound.describe()})"
     assert got[: verdict.compared] == want[: verdict.compared], f"{label}: {got} != {want} before step {verdict.compared}"

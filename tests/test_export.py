@@ -13,12 +13,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from agreement import assert_greedy_agrees
 
 from ppllava.errors import PPLLaVAError
 from ppllava.export.engine import ExportOptions, export_engine
+from ppllava.numerics import rounding_bound
 from ppllava.plan import WindowPlan
 from ppllava.runtime.manifest import EngineError, Manifest
 from ppllava.runtime.pipeline import Pipeline
+from ppllava.seeded import Seeded
 
 pytestmark = pytest.mark.numerics  # floating-point verdicts: CI reruns them under ATEN_CPU_CAPABILITY=default
 
@@ -49,7 +52,7 @@ def test_engine_dir_contract(engines, variant):
     assert data["source"]["fingerprint"] and data["created_by"]["onnxruntime"]
     assert data["llm"]["template"]["name"] == ("plain_v1" if variant == "vicuna" else "plain_qwen")
     verify = json.loads((engines[variant] / "verify.json").read_text())
-    assert verify["end_to_end"]["identical"] == "3/3"
+    assert verify["end_to_end"]["agreeing"] == "3/3"  # identical except at near-ties (recorded per case)
     assert all(e["max_abs"] <= 1e-4 for checks in verify["stages"].values() for e in checks.values())
     assert set(verify["stages"]["vision"]) == {"T=1", "T=4", f"T={8 if variant == 'vicuna' else 64}"}
     assert (engines[variant] / "llm_hf" / "config.json").is_file()
@@ -60,18 +63,24 @@ def test_engine_dir_contract(engines, variant):
 def test_pipeline_matches_reference(engines, tiny_models, variant, frames):
     # Independent of verify.py: new inputs, a frame count and window plan the export never saw.
     model, pipe = tiny_models[variant], Pipeline.open(engines[variant])
-    g = torch.Generator().manual_seed(frames)
-    px = torch.randn(frames, 3, 42, 42, generator=g)
-    ids = torch.randint(3, 900, (1, 17), generator=g)
+    g = Seeded(frames)
+    px = torch.from_numpy(g.normal(frames, 3, 42, 42))
+    ids = torch.from_numpy(g.integers(3, 900, 1, 17))
     plan = WindowPlan(output_shape=(1, 2, 3))
+
+    def tokens(m, pixels):
+        return m.encode_video(pixels, ids, plan=plan)[0]
+
     with torch.no_grad():
-        want = model.encode_video(px, ids, plan=plan)[0].numpy()
+        want = tokens(model, px).numpy()
+    bound = rounding_bound(tokens, model, px)
+    bound.check_power("visual tokens")
     got = pipe.pool(pipe.vision(px.numpy()), pipe.text(ids.numpy()), plan)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    err = float(np.abs(got - want).max())
+    assert err <= max(bound.value, 1e-4), f"visual tokens differ by {err:.2e} > {bound.describe()} (and > 1e-4)"
     prompt = torch.tensor([[5, 6, 1000, 7, 8, 9]])
-    ref = model.generate(prompt, pixel_values=px, clip_ids=ids, max_new_tokens=10)[0].tolist()
     out = pipe.generate_ids(px.numpy(), ids.numpy(), prompt.numpy(), max_new_tokens=10)
-    assert out.token_ids == ref
+    assert_greedy_agrees(model, pipe, out.token_ids, px, ids, prompt, max_new_tokens=10, label=f"{variant} T={frames}")
     assert set(out.timings.ms) == {"vision", "text", "pool", "prefill", "decode"}
 
 
@@ -180,7 +189,7 @@ def test_export_without_llm(tiny_dirs, tmp_path):
 def test_verify_command(engines, tiny_dirs):
     r = run_cli("verify", engines["qwen"], "--checkpoint", tiny_dirs["qwen"])
     assert r.returncode == 0, r.stderr
-    assert '"verified": true' in r.stdout and "identical for 3/3" in r.stdout
+    assert '"verified": true' in r.stdout and "agreeing at every decidable step for 3/3" in r.stdout
     r = run_cli("verify", engines["qwen"], "--checkpoint", tiny_dirs["vicuna"])
     assert r.returncode == 2 and "not the checkpoint" in r.stderr
 

@@ -73,8 +73,7 @@ def test_engine_answers_like_the_reference(smol):
 
         with torch.no_grad():
             logits = forced(model, frames)
-        # Inputs only: a copy of a 135M-parameter LLM per trial is not worth it for a tie-breaker.
-        bound = rounding_bound(forced, model, frames, trials=2, weights=False)
+        bound = rounding_bound(forced, model, frames, trials=2)
         chosen = pipe.forced_choices(frames.numpy(), clip, ids, ref)
         verdict = greedy_verdict(logits, ref, chosen, bound.value)
         assert not verdict.mismatches, (question, verdict.mismatches, bound.describe())
