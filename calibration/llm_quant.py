@@ -184,7 +184,7 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     nearest, no calibration needed), judged against the FP ONNX LLM on the calibration set's
     held-out multimodal prompts, recorded as a variant of the LLM stage (``ask --precision int4``)."""
     from ppllava.export.llm import build_onnx_llm
-    from ppllava.runtime.decoder import OrtDecoder
+    from ppllava.runtime.backends.onnxruntime import OrtDecoder
 
     if precision not in ORT_PRECISIONS:
         raise InputError(f"the onnxruntime-genai LLM takes int4 or int8, got {precision!r}")

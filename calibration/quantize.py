@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
-from ppllava.runtime.backends import OrtStage
+from ppllava.runtime.backends.onnxruntime import OrtStage
 from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
 
 from ppllava.calibration.dataset import load_shards

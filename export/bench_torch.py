@@ -74,7 +74,7 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
         torch.cuda.reset_peak_memory_stats(device)
         already = torch.cuda.memory_allocated(device)
     # on a GPU, the dtype of the backend compared against (bf16 for a torch-backend engine), else fp16
-    gpu_dtype = torch.bfloat16 if getattr(pipe, "torch_precision", None) == "bf16" else torch.float16
+    gpu_dtype = torch.bfloat16 if pipe.backend.compute_dtype == "bf16" else torch.float16
     model = PPLLaVA.from_pretrained(checkpoint, dtype=torch.float32 if device.type == "cpu" else gpu_dtype,
                                     device=device)
     spec = pipe.manifest.data["preprocessing"]

@@ -113,7 +113,7 @@ def gpu_identity() -> dict:
     """TensorRT version, GPU name and compute capability (the same function the runtime uses to
     refuse stale plans, so both sides always agree)."""
     _trt()
-    from ppllava.runtime.tensorrt_backend import current_identity
+    from ppllava.runtime.backends.tensorrt import current_identity
 
     try:
         return current_identity()

@@ -58,7 +58,7 @@ def device_identity(device: str) -> dict:
     """What a compiled package is tied to: torch version, device, and for CUDA the GPU and its SM;
     for the CPU the architecture and the vector instruction set Inductor compiled for (a package
     built with AVX-512 dies with SIGILL on an AVX2-only CPU). The runtime computes the same."""
-    from ppllava.runtime.torch_backend import current_identity
+    from ppllava.runtime.backends.pytorch import current_identity
 
     return current_identity(device)
 

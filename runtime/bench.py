@@ -100,7 +100,7 @@ class BackendResult:
             if not runs:
                 return {}
             stages = {s: summarize([r.stages[s] for r in runs if s in r.stages]) for s in STAGES}
-            per_token = [r.ms_per_token for r in runs if r.ms_per_token is not None]
+            per_token = [r.ms_per_token for r in runs if r.ms_per_token]
             return {
                 "stages_ms": {k: v for k, v in stages.items() if v},
                 "time_to_first_token_ms": summarize([r.ttft for r in runs]),
@@ -147,9 +147,7 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
     frames = options.frames if options.video is not None else None
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
     result = BackendResult(name)
-    reset_peak = getattr(pipe, "reset_device_peak", None)  # device backends: peak of this bench only
-    if reset_peak is not None:
-        reset_peak()
+    pipe.backend.reset_peak_memory()  # device backends: the peak of this bench only
     for r in range(1 + options.warmup + options.repeat):
         pipe.cache = FeatureCache()  # every repeat starts cold for the video
         for q, question in enumerate(questions):
@@ -164,9 +162,8 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
                 (result.first if q == 0 else result.follow_up).append(run)
         log_line(f"{name} repeat {r + 1}/{1 + options.warmup + options.repeat} done")
     result.peak_host_mib = peak_host_mib()
-    describe = getattr(pipe, "device_info", None)  # backends that run on a GPU say which, and its peak memory
-    if describe is not None:
-        result.device, result.peak_device_mib = describe()
+    device = pipe.backend.device()  # the GPU (or "cpu") it ran on, and its peak memory where measured
+    result.device, result.peak_device_mib = device.name, device.peak_mib
     return result
 
 

@@ -17,18 +17,16 @@ import numpy as np
 
 from ppllava.errors import InputError
 from ppllava.plan import WindowPlan, plan_for_budget
-from ppllava.runtime.backends import OrtStage
+from ppllava.runtime.backends import BACKENDS, Backend, BackendOptions, get_backend
 from ppllava.runtime.cache import FeatureCache, file_digest
-from ppllava.runtime.decoder import OrtDecoder
+from ppllava.runtime.generation import Prompt
 from ppllava.runtime.manifest import EngineError, Manifest
 from ppllava.runtime.sampling import Sampling, TokenSampler
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = ("video", "image")
-# onnxruntime everywhere; TensorRT plans for vision/text/pool (LLM in onnxruntime); and TensorRT-LLM too;
-# torch: AOTInductor stages + the Hugging Face LLM with a static KV cache (CUDA-graph decode on a GPU).
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm", "torch")
+__all__ = ["BACKENDS", "DEFAULT_MAX_NEW_TOKENS", "Pipeline"]
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -69,38 +67,20 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, providers: tuple[str, ...], threads: int | None, precision: str | None = None,
-                 backend: str = "onnxruntime"):
-        self.manifest = manifest
-        root = manifest.root
-        self.precision = precision
-        self.trtllm = None
-        self.max_frames = int(manifest.dims["max_frames"])
-        names = ("vision", "text", "pool")
-        quantized = {n for n in names if precision in manifest.stage(n).get("variants", {})}
-        llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
-        if precision and not quantized and precision not in llm_variants and all(
-            manifest.stage(n).get("precision") != precision for n in names
-        ):
-            raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
-        self.stages = self._open_stages(manifest, names, quantized, providers, threads, precision, backend)
-        below = [n for n in quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
-        if below:
-            log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
-                        precision, ", ".join(below))
-        self.decoder = None
-        self.embed_tokens = self.image_newline = None
-        if self._has_llm(manifest):
-            from ppllava.runtime.tensors import map_safetensors
+    """Orchestration only: video -> features (cache) -> text -> pool -> prompt -> decoder, on
+    whichever backend (``ppllava.runtime.backends``) runs the stages and the LLM."""
 
-            llm_precision = precision if precision in llm_variants else None
-            if backend != "tensorrt-llm":  # TensorRT-LLM runs the LLM itself: do not hold a second copy
-                self.decoder = self._open_decoder(manifest, llm_precision, providers, threads)
-            # Memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt touches a few hundred rows.
-            extras = map_safetensors(root / manifest.data["llm"]["embeddings"])
-            self.embed_tokens = extras["embed_tokens"]
-            self.image_newline = np.asarray(extras["image_newline"])
+    def __init__(self, manifest: Manifest, backend: Backend):
+        self.manifest = manifest
+        self.backend = backend
+        self.precision = backend.options.precision
+        self.max_frames = int(backend.max_frames)
+        self.stages = backend.open_stages()
+        self.embed_tokens = self.image_newline = None
+        self.decoder = backend.open_decoder(self._embeddings)
         llm = manifest.data["llm"]
+        if self.decoder is not None:
+            self._embeddings()
         self.image_token_id = int(llm["image_token_id"])
         self.pad_token_id = llm.get("pad_token_id")
         self.eos_token_ids = set(llm.get("eos_token_ids", []))
@@ -110,39 +90,19 @@ class Pipeline:
         self._digests: dict[tuple, str] = {}
         vision = manifest.stage("vision")
         self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
-        if self.stages["vision"].path != manifest.stage_path("vision"):
-            self.engine_id += ":" + self.stages["vision"].path.name  # quantized features cache separately
+        if backend.cache_key:
+            self.engine_id += ":" + backend.cache_key  # features of another artifact/device are cached apart
 
-    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
-        root = manifest.root
-        if backend in ("tensorrt", "tensorrt-llm"):
-            from ppllava.runtime.tensorrt_backend import TrtLLMDecoder, TrtStage
+    def _embeddings(self):
+        """The token-embedding table (memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt
+        touches a few hundred rows) and ``image_newline``, loaded on first use."""
+        if self.embed_tokens is None:
+            from ppllava.runtime.tensors import map_safetensors
 
-            key = f"tensorrt-{precision or 'fp16'}"
-            missing = [n for n in names if key not in manifest.stage(n).get("variants", {})]
-            if missing:
-                raise EngineError(f"no {key} plans for {', '.join(missing)}: build them on this GPU with "
-                                  f"`ppllava build-engines {manifest.root} --precision {precision or 'fp16'}`")
-            stages = {n: TrtStage(root, manifest.stage(n)["variants"][key]) for n in names}
-            # a plan's profile may cover fewer frames than the export (build-engines --max-frames)
-            profile = manifest.stage("vision")["variants"][key].get("profile", {}).get("pixel_values")
-            if profile:
-                self.max_frames = min(self.max_frames, int(profile[2][0]))
-            if backend == "tensorrt-llm":
-                built = manifest.data["llm"].get("tensorrt_llm_engine")
-                if not built or not (root / built["dir"]).is_dir():
-                    raise EngineError(f"no TensorRT-LLM engine recorded in {root}: run `ppllava build-engines {root} "
-                                      "--llm-scheme SCHEME` on this GPU")
-                self.trtllm = TrtLLMDecoder(root / built["dir"])
-            return stages
-        return {n: OrtStage(manifest.stage_path(n, precision if n in quantized else None), providers, threads)
-                for n in names}
-
-    def _has_llm(self, manifest: Manifest) -> bool:
-        return "llm" in manifest.data["stages"]
-
-    def _open_decoder(self, manifest: Manifest, llm_precision, providers, threads):
-        return OrtDecoder(manifest.stage_path("llm", llm_precision), providers, threads, kv_in_place=True)
+            extras = map_safetensors(self.manifest.root / self.manifest.data["llm"]["embeddings"])
+            self.embed_tokens = extras["embed_tokens"]
+            self.image_newline = np.asarray(extras["image_newline"])
+        return self.embed_tokens
 
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
@@ -151,11 +111,8 @@ class Pipeline:
         """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
         if backend not in BACKENDS:
             raise EngineError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
-        if backend == "torch" and cls is Pipeline:
-            from ppllava.runtime.torch_backend import TorchPipeline  # imports torch lazily, only here
-
-            cls = TorchPipeline
-        pipe = cls(Manifest.load(engine_dir), providers, threads, precision, backend)
+        manifest = Manifest.load(engine_dir)
+        pipe = cls(manifest, get_backend(backend)(manifest, BackendOptions(tuple(providers), threads, precision)))
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
 
@@ -171,16 +128,13 @@ class Pipeline:
     # The public stage methods take and return numpy arrays. The underscored ones are what
     # generate_ids chains; a backend may keep their results on its device (the torch backend does).
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._host(self._vision(pixel_values))
+        return self.backend.host(self._vision(pixel_values))
 
     def text(self, clip_ids: np.ndarray, clip_mask: np.ndarray | None = None) -> np.ndarray:
-        return self._host(self._text(clip_ids, clip_mask))
+        return self.backend.host(self._text(clip_ids, clip_mask))
 
     def pool(self, features: np.ndarray, text: np.ndarray, plan: WindowPlan, media_type: str = "video") -> np.ndarray:
-        return self._host(self._pool(features, text, plan, media_type))
-
-    def _host(self, value) -> np.ndarray:
-        return value
+        return self.backend.host(self._pool(features, text, plan, media_type))
 
     def _vision(self, pixel_values):
         return self.stages["vision"].run(pixel_values=pixel_values)["features"]
@@ -198,33 +152,23 @@ class Pipeline:
             raise InputError(f"cannot pool {features.shape[0]} frame(s): {exc}") from None
         tokens = self.stages["pool"].run(features=features, text_embedding=text, window_index=index)["visual_tokens"]
         if media_type == "image":
-            tokens = self._append_newline(tokens)
+            self._embeddings()
+            tokens = self.backend.concat(tokens, self.image_newline)
         return tokens
 
-    def _append_newline(self, tokens):
-        return np.concatenate([tokens, self.image_newline[None].astype(tokens.dtype)], axis=0)
+    def prompt(self, input_ids, visual) -> Prompt:
+        """The prompt value every decoder splices: (1, L) ids with one image token + (K, D) visual tokens."""
+        return Prompt.build(input_ids, visual, self.image_token_id, self._embeddings().shape[0], self.pad_token_id)
 
     def embed_prompt(self, input_ids: np.ndarray, visual: np.ndarray) -> np.ndarray:
         """(1, L) ids with one image token + (K, D) visual tokens -> (1, L - 1 + K, D); as upstream,
         prompt tokens equal to the pad id embed to zeros."""
-        text_ids, pos, pads = self._prompt_parts(input_ids)
-        embeds = self.embed_tokens[text_ids].astype(np.float32)
-        embeds[pads] = 0.0
-        return np.concatenate([embeds[:pos], visual.astype(np.float32), embeds[pos + 1 :]])[None]
+        return self.prompt(input_ids, self.backend.host(visual)).embeds(self._embeddings())
 
-    def _prompt_parts(self, input_ids) -> tuple[np.ndarray, int, np.ndarray]:
-        """Checked prompt ids -> (text ids with the image token as 0, image-token position, mask of
-        the pad-id tokens, which embed to zeros as upstream)."""
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        where = np.flatnonzero(ids == self.image_token_id)
-        if where.size != 1:
-            raise InputError(f"input_ids must hold exactly one image token ({self.image_token_id}), found {where.size}")
-        vocab = self.embed_tokens.shape[0]
-        text_ids = np.where(ids == self.image_token_id, 0, ids)
-        if text_ids.min() < 0 or text_ids.max() >= vocab:
-            raise InputError(f"input_ids must lie in [0, {vocab}) apart from the image token")
-        pads = ids == self.pad_token_id if self.pad_token_id is not None else np.zeros(ids.shape, bool)
-        return text_ids, int(where[0]), pads
+    def _visual(self, pixel_values, clip_ids, clip_mask, media_type, plan):
+        features = self._vision(np.asarray(pixel_values, dtype=np.float32))
+        text = self._text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
+        return self._pool(features, text, plan or self.manifest.plan(media_type), media_type)
 
     def forced_choices(self, pixel_values, clip_ids, input_ids, forced: list[int], clip_mask=None,
                        media_type: str = "video", plan: WindowPlan | None = None) -> list[int]:
@@ -232,28 +176,9 @@ class Pipeline:
         and this returns its own greedy choice before each. ``mean(choice == forced)`` is the top-1
         agreement with the reference along the reference's path."""
         if self.decoder is None:
-            raise EngineError("teacher forcing needs this runtime's own LLM decoder (not TensorRT-LLM, not --llm none)")
-        features = self._vision(np.asarray(pixel_values, dtype=np.float32))
-        text = self._text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
-        visual = self._pool(features, text, plan or self.manifest.plan(media_type), media_type)
-        embeds = self._embed_prompt(input_ids, visual)
-        self.decoder.reset(capacity=embeds.shape[1] + len(forced))
-        logits = self.decoder.forward(embeds)
-        choices = []
-        for i, token in enumerate(forced):
-            choices.append(int(np.argmax(logits)))
-            if i + 1 < len(forced):
-                logits = self._next_logits(int(token))
-        return choices
-
-    def _embed_prompt(self, input_ids, visual):
-        return self.embed_prompt(input_ids, visual)
-
-    def _next_logits(self, token: int) -> np.ndarray:
-        return self.decoder.forward(self.embed_tokens[token][None, None])
-
-    def _sync(self) -> None:
-        """Wait for queued device work, so that stage timings are real (no-op on synchronous backends)."""
+            raise EngineError("teacher forcing needs this runtime's own LLM decoder (not --llm none)")
+        visual = self._visual(pixel_values, clip_ids, clip_mask, media_type, plan)
+        return self.decoder.forced_choices(self.prompt(input_ids, visual), list(forced))
 
     # ------------------------------------------------------------ end to end
     def ask_stream(self, video, question: str, **options):
@@ -321,7 +246,7 @@ class Pipeline:
         timings.add("preprocess", time.perf_counter() - t0)
         t0 = time.perf_counter()
         features = self._vision(pixels)
-        self._sync()
+        self.backend.sync()
         timings.add("vision", time.perf_counter() - t0)
         self.cache.put(key, features, media_type)
         return features, media_type, features.shape[0], False
@@ -408,7 +333,7 @@ class Pipeline:
         ignore_eos: bool = False,
     ) -> GenerationResult:
         """Pre-processed inputs -> new token ids (greedy unless ``sampling`` says otherwise)."""
-        if self.decoder is None and self.trtllm is None:
+        if self.decoder is None:
             raise EngineError(f"{self.manifest.root} was exported without an LLM (--llm none)")
         if media_type not in MEDIA_TYPES:
             raise InputError(f"media_type must be one of {MEDIA_TYPES}, got {media_type!r}")
@@ -420,47 +345,20 @@ class Pipeline:
             if pixel_values.ndim != 4 or not 1 <= pixel_values.shape[0] <= limit:
                 raise InputError(f"pixel_values must be (T, 3, S, S) with 1 <= T <= {limit}, got {pixel_values.shape}")
             features = self._vision(pixel_values)
-            self._sync()
+            self.backend.sync()
             timings.add("vision", time.perf_counter() - t0)
         t0 = time.perf_counter()
         text = self._text(np.asarray(clip_ids, dtype=np.int64), None if clip_mask is None else np.asarray(clip_mask, dtype=np.int64))
-        self._sync()
+        self.backend.sync()
         timings.add("text", time.perf_counter() - t0)
         t0 = time.perf_counter()
         visual = self._pool(features, text, plan or self.manifest.plan(media_type), media_type)
-        self._sync()
+        self.backend.sync()
         timings.add("pool", time.perf_counter() - t0)
-        embeds = self._embed_prompt(input_ids, visual)
-        if embeds.shape[1] >= self.context:
-            raise InputError(f"prompt of {embeds.shape[1]} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
-        max_new_tokens = min(max_new_tokens, self.context - embeds.shape[1])
-        if self.trtllm is not None:
-            from ppllava.runtime.tensorrt_backend import prompt_table_inputs
-
-            t0 = time.perf_counter()
-            visual = self._host(visual)
-            ids, table = prompt_table_inputs(input_ids, visual, self.image_token_id, self.embed_tokens.shape[0])
-            tokens = self.trtllm.generate(ids, table, max_new_tokens, set(self.eos_token_ids),
-                                          int(self.pad_token_id or 0))
-            timings.add("generate", time.perf_counter() - t0)
-            for token in tokens:
-                if on_token is not None:
-                    on_token(token)
-            return GenerationResult(tokens, timings, visual.shape[0])
-        sampler = TokenSampler(sampling)
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        self.decoder.reset(capacity=embeds.shape[1] + max_new_tokens)
-        logits = self.decoder.forward(embeds)
-        timings.add("prefill", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        while len(tokens) < max_new_tokens:
-            token = sampler(logits)
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if (token in self.eos_token_ids and not ignore_eos) or len(tokens) == max_new_tokens:
-                break
-            logits = self._next_logits(token)
-        timings.add("decode", time.perf_counter() - t0)
-        return GenerationResult(tokens, timings, visual.shape[0])
+        prompt = self.prompt(input_ids, visual)
+        if prompt.length >= self.context:
+            raise InputError(f"prompt of {prompt.length} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
+        max_new_tokens = min(max_new_tokens, self.context - prompt.length)
+        tokens = self.decoder.generate(prompt, max_new_tokens, TokenSampler(sampling), self.eos_token_ids,
+                                       ignore_eos=ignore_eos, on_token=on_token, timings=timings)
+        return GenerationResult(tokens, timings, int(visual.shape[0]))

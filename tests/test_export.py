@@ -243,7 +243,7 @@ def test_runtime_modules_do_not_need_torch(engines):
 @pytest.mark.parametrize("variant", ["vicuna", "qwen"])
 def test_kv_cache_in_place_equals_growing_cache(engines, variant):
     # Bug class: a shared past/present buffer that reads stale rows or the wrong length.
-    from ppllava.runtime.decoder import OrtDecoder
+    from ppllava.runtime.backends.onnxruntime import OrtDecoder
     from ppllava.runtime.tensors import map_safetensors
 
     root = engines[variant]

@@ -19,11 +19,11 @@ ALLOWED_LAZY = {
     ("runtime/cli.py", "_near_tie"),  # part of `ask --reference`: the reference's rounding bound
     ("runtime/cli.py", "_random_engine"),
     ("runtime/cli.py", "_torch_baseline"),
-    ("runtime/tensorrt_backend.py", "generate"),  # TensorRT-LLM's own runtime is torch-based
+    ("runtime/backends/tensorrt_llm.py", "generate"),  # TensorRT-LLM's own runtime is torch-based
 }
 # The torch backend is the one runtime module whose library is torch (and transformers for the
 # LLM); it imports them only inside functions, so importing the module does not import torch.
-TORCH_BACKEND = "runtime/torch_backend.py"
+TORCH_BACKEND = "runtime/backends/pytorch.py"
 
 
 def imported_modules(folder: Path) -> dict[str, set[str]]:
@@ -76,7 +76,7 @@ def test_importing_package_and_runtime_does_not_import_torch():
     code = (
         "import sys, ppllava, ppllava.runtime, ppllava.cli, ppllava.config, ppllava.plan;"
         "import ppllava.runtime.pipeline, ppllava.runtime.manifest, ppllava.export.cli; ppllava.cli.build_parser();"
-        "import ppllava.runtime.torch_backend;"
+        "import ppllava.runtime.backends.pytorch;"
         "assert 'torch' not in sys.modules, 'torch was imported';"
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )

@@ -16,7 +16,8 @@ from ppllava.export.tensorrt import BuildError, build_plan, max_visual_tokens, t
 from ppllava.runtime.backends import BackendError
 from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.pipeline import Pipeline
-from ppllava.runtime.tensorrt_backend import check_plan, embed_with_prompt_table, prompt_table_inputs
+from ppllava.runtime.backends.tensorrt import check_plan
+from ppllava.runtime.backends.tensorrt_llm import embed_with_prompt_table
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -92,7 +93,8 @@ def test_prompt_table_gives_the_same_llm_input(engine, tiny_models):
     rng = np.random.default_rng(0)
     visual = rng.standard_normal((16, 64)).astype(np.float32)
     input_ids = np.array([[5, 6, 1000, 7, 8, 9]])
-    ids, table = prompt_table_inputs(input_ids, visual, 1000, vocab_size=1024)
+    prompt = pipe.prompt(input_ids, visual)
+    ids, table = prompt.table_ids(1024), visual
     assert ids.shape == (1, 5 + 16) and ids[0, 2] == 1024 and ids[0, 17] == 1039
     np.testing.assert_array_equal(embed_with_prompt_table(ids, table, pipe.embed_tokens), pipe.embed_prompt(input_ids, visual))
 
@@ -132,7 +134,7 @@ def test_fp16_engines_match_onnxruntime(engine, tmp_path):
     import shutil
 
     from ppllava.export.tensorrt import build_engines
-    from ppllava.runtime.tensorrt_backend import TrtStage
+    from ppllava.runtime.backends.tensorrt import TrtStage
 
     work = tmp_path / "e"
     shutil.copytree(engine, work)

@@ -122,7 +122,7 @@ def test_static_cache_decode_equals_transformers_generation(tiny_models, tmp_pat
     of different lengths in one cache (positions left from the first are masked, not reused)."""
     from transformers import DynamicCache
 
-    from ppllava.runtime.torch_backend import TorchDecoder
+    from ppllava.runtime.backends.pytorch import TorchDecoder
 
     model = tiny_models[variant]
     llm = model.language_model.eval()
@@ -143,7 +143,7 @@ def test_static_cache_decode_equals_transformers_generation(tiny_models, tmp_pat
         decoder.reset(capacity=prompt_len + new)
         got_logits = [decoder.forward(embeds.numpy())]
         for token in want_tokens:
-            got_logits.append(decoder.forward_token(token))
+            got_logits.append(decoder.step(token))
         got, want = np.stack(got_logits[:-1]), torch.stack(want_logits[:-1])
 
         def forced(m, x):  # logits before each of transformers' tokens, in one full forward
@@ -159,7 +159,7 @@ def test_static_cache_decode_equals_transformers_generation(tiny_models, tmp_pat
 
 
 def test_static_cache_sizes_and_refusals(tiny_models, tmp_path):
-    from ppllava.runtime.torch_backend import CACHE_STEP, TorchDecoder
+    from ppllava.runtime.backends.pytorch import CACHE_STEP, TorchDecoder
 
     model = tiny_models["vicuna"]
     hf_dir = _hf_dir(model, tmp_path)
@@ -316,7 +316,7 @@ def test_export_torch_device_cuda_without_gpu_is_one_line(tiny_dirs, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
     """The captured decode step replays to the same tokens as the same loop run eagerly."""
-    from ppllava.runtime.torch_backend import TorchDecoder
+    from ppllava.runtime.backends.pytorch import TorchDecoder
 
     model = tiny_models["vicuna"]
     hf_dir = _hf_dir(model, tmp_path)
@@ -327,7 +327,7 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_models, tmp_path):
         logits, tokens = decoder.forward(prompt), []
         for _ in range(30):
             tokens.append(int(np.argmax(logits)))
-            logits = decoder.forward_token(tokens[-1])
+            logits = decoder.step(tokens[-1])
         return tokens
 
     for precision in ("fp32", "bf16"):
@@ -345,7 +345,7 @@ def test_grouped_sdpa_equals_repeated_kv_attention():
     the KV heads (transformers' repeat_kv), for prefill and decode shapes, with the cache mask."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
-    from ppllava.runtime.torch_backend import grouped_sdpa
+    from ppllava.runtime.backends.pytorch import grouped_sdpa
 
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d, capacity = 6, 2, 8, 16
@@ -380,7 +380,7 @@ def test_bf16_decoder_agrees_with_fp32_reference(tiny_models, tmp_path):
     tokens (teacher-forced) stay within what rounding to bf16 explains (ppllava.numerics.cast_bound).
     A top-1 agreement rate on random tiny weights would move with the CPU's kernels instead."""
     from ppllava.numerics import cast_bound
-    from ppllava.runtime.torch_backend import TorchDecoder
+    from ppllava.runtime.backends.pytorch import TorchDecoder
     from ppllava.seeded import Seeded
 
     model = tiny_models["qwen"]
@@ -408,7 +408,7 @@ def test_bf16_decoder_agrees_with_fp32_reference(tiny_models, tmp_path):
         for token in want:
             got.append(np.asarray(logits, dtype=np.float32).reshape(-1))
             steps += 1
-            logits = decoder.forward_token(token)
+            logits = decoder.step(token)
         err = float(np.abs(np.stack(got) - reference.numpy()).max())
         assert err <= bound.value, f"bf16 decoder logits differ from fp32 by {err:.3g} > {bound.describe()}"
     assert steps == 64

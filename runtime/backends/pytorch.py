@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import BackendError, check_identity, first_line
+from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, DeviceInfo, check_identity, first_line
+from ppllava.runtime.generation import Prompt, StepDecoder
 from ppllava.runtime.manifest import EngineError, Manifest
-from ppllava.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _register_attention() -> str:
     return STATIC_ATTENTION
 
 
-class TorchDecoder:
+class TorchDecoder(StepDecoder):
     """The Hugging Face LLM of ``llm_hf/`` with a static KV cache; ``cuda_graph`` (default: on a
     GPU) replays the captured single-token step."""
 
@@ -284,7 +284,14 @@ class TorchDecoder:
             self.length += steps
             return self._logits(logits)
 
-    def forward_token(self, token: int) -> np.ndarray:
+    def prefill(self, prompt: Prompt) -> np.ndarray:
+        return self.forward(self.embed_prompt(prompt))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def step(self, token: int) -> np.ndarray:
         """Append one token by id (embedded on the device); the decode step."""
         torch = self.torch
         if self.kv is None or self.length + 1 > self.kv.capacity:
@@ -322,74 +329,77 @@ class TorchDecoder:
         self.graph_captures += 1
 
     # ------------------------------------------------------------ prompt
-    def embed_prompt(self, text_ids: np.ndarray, pos: int, pads: np.ndarray, visual):
-        """Checked prompt parts (``Pipeline._prompt_parts``) + (K, D) visual tokens -> (1, L - 1 + K, D)
-        on the device, the visual tokens at the image token's position, pad-id tokens zero."""
+    def embed_prompt(self, prompt: Prompt):
+        """The checked prompt -> (1, L - 1 + K, D) on the device, the visual tokens at the image
+        token's position, pad-id tokens zero."""
         torch = self.torch
+        pos = prompt.image_pos
         with torch.inference_mode():
-            text = self.embed(torch.from_numpy(text_ids).to(self.device))
-            text = text.masked_fill(torch.from_numpy(pads).to(self.device)[:, None], 0.0)
-            return torch.cat([text[:pos], self._as_embeds(visual), text[pos + 1 :]])[None]
+            text = self.embed(torch.from_numpy(prompt.text_ids).to(self.device))
+            text = text.masked_fill(torch.from_numpy(prompt.pads).to(self.device)[:, None], 0.0)
+            return torch.cat([text[:pos], self._as_embeds(prompt.visual), text[pos + 1 :]])[None]
 
 
-class TorchPipeline(Pipeline):
-    """``Pipeline`` on the torch backend: stages from the manifest's torch variants, LLM from llm_hf/."""
+class TorchBackend:
+    """Stages from the manifest's ``torch`` variants (AOTInductor packages for one device and
+    dtype), the LLM from ``llm_hf/``; stage outputs stay on the device until ``host``."""
 
-    def __init__(self, manifest: Manifest, providers, threads, precision: str | None = None, backend: str = "torch"):
-        if precision:
+    name = "torch"
+
+    def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
+        if options.precision:
             raise EngineError("--precision picks onnxruntime/TensorRT variants; the torch backend runs the dtype "
                               "its stages were compiled in (ppllava export --torch --torch-dtype)")
-        super().__init__(manifest, providers, threads, None, backend)
-        # cached features differ by dtype and device, not only by package file
-        self.engine_id += f":{self.torch_precision}:{self.device}"
-
-    def _open_stages(self, manifest: Manifest, names, quantized, providers, threads, precision, backend) -> dict:
-        missing = [n for n in names if VARIANT not in manifest.stage(n).get("variants", {})]
+        missing = [n for n in STAGES if VARIANT not in manifest.stage(n).get("variants", {})]
         if missing:
             raise EngineError(f"{manifest.root} has no torch stages ({', '.join(missing)}): export them with "
                               f"`ppllava export CHECKPOINT --out {manifest.root} --torch --force`")
-        variants = {n: manifest.stage(n)["variants"][VARIANT] for n in names}
-        self.device = variants["vision"].get("device", "cpu")
-        self.torch_precision = variants["vision"]["precision"]
-        if threads:
-            _torch().set_num_threads(threads)
-        return {n: TorchStage(manifest.root, v) for n, v in variants.items()}
+        self.manifest, self.options = manifest, options
+        vision = self.artifact("vision")
+        self.device_name = vision.get("device", "cpu")
+        self.precision = self.compute_dtype = vision["precision"]
+        self.max_frames = int(manifest.dims["max_frames"])
+        # cached features differ by dtype and device, not only by package file
+        self.cache_key = f"{vision['file']}:{self.precision}:{self.device_name}"
+        if options.threads:
+            _torch().set_num_threads(options.threads)
 
-    def _has_llm(self, manifest: Manifest) -> bool:
-        hf_dir = manifest.data["llm"].get("hf_dir")
-        if hf_dir and not (manifest.root / hf_dir / "config.json").is_file():
-            raise EngineError(f"{manifest.root / hf_dir} is missing or incomplete: the torch backend's LLM; "
+    def artifact(self, stage: str) -> dict:
+        return self.manifest.stage(stage)["variants"][VARIANT]
+
+    def open_stages(self) -> dict:
+        return {n: TorchStage(self.manifest.root, self.artifact(n)) for n in STAGES}
+
+    def open_decoder(self, embeddings):
+        hf_dir = self.manifest.data["llm"].get("hf_dir")
+        if not hf_dir:
+            return None
+        if not (self.manifest.root / hf_dir / "config.json").is_file():
+            raise EngineError(f"{self.manifest.root / hf_dir} is missing or incomplete: the torch backend's LLM; "
                               "re-export or copy the whole engine dir")
-        return bool(hf_dir)
+        return TorchDecoder(self.manifest.root / hf_dir, self.device_name, self.precision)
 
-    def _open_decoder(self, manifest: Manifest, llm_precision, providers, threads):
-        return TorchDecoder(manifest.root / manifest.data["llm"]["hf_dir"], self.device, self.torch_precision)
-
-    def _host(self, value) -> np.ndarray:
+    def host(self, value) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else value.float().cpu().numpy()
 
-    def _append_newline(self, tokens):
+    def concat(self, tokens, row: np.ndarray):
         torch = _torch()
-        row = torch.from_numpy(np.array(self.image_newline, np.float32)).to(tokens.device, tokens.dtype)
-        return torch.cat([tokens, row[None]])
+        if isinstance(tokens, np.ndarray):
+            return np.concatenate([tokens, np.asarray(row)[None].astype(tokens.dtype)], axis=0)
+        value = torch.from_numpy(np.array(row, np.float32)).to(tokens.device, tokens.dtype)
+        return torch.cat([tokens, value[None]])
 
-    def _embed_prompt(self, input_ids, visual):
-        return self.decoder.embed_prompt(*self._prompt_parts(input_ids), visual)
-
-    def _next_logits(self, token: int) -> np.ndarray:
-        return self.decoder.forward_token(token)
-
-    def _sync(self) -> None:
-        if self.device == "cuda":
+    def sync(self) -> None:
+        if self.device_name == "cuda":
             _torch().cuda.synchronize()
 
-    def reset_device_peak(self) -> None:
-        if self.device == "cuda":
+    def reset_peak_memory(self) -> None:
+        if self.device_name == "cuda":
             _torch().cuda.reset_peak_memory_stats()
 
-    def device_info(self) -> tuple[str, float | None]:
-        """(device name, peak device memory in MiB since start) for bench reports."""
-        if self.device != "cuda":
-            return "cpu", None
+    def device(self) -> DeviceInfo:
+        """The GPU (or "cpu") and its peak memory in MiB since the last reset, for bench reports."""
+        if self.device_name != "cuda":
+            return DeviceInfo("cpu")
         torch = _torch()
-        return torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**20
+        return DeviceInfo(torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**20)

@@ -1,0 +1,234 @@
+"""The ``onnxruntime`` backend: every stage an ONNX graph in an InferenceSession, and the LLM as
+onnxruntime-genai's builder graph driven by the runtime's one decode loop (``StepDecoder``).
+
+Why our own loop rather than onnxruntime-genai's Generator: the Generator's plain decoder pipeline
+feeds ``input_ids``, while PPLLaVA's prompt holds visual tokens that exist only as embeddings. Our
+loop feeds ``inputs_embeds`` at every step (the prefill with the spliced visual tokens, then one
+embedded token per step) and keeps the KV cache as the graph's present outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, HostBackend, first_line
+from ppllava.runtime.generation import Prompt, StepDecoder
+from ppllava.runtime.manifest import EngineError, Manifest
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+    """An onnxruntime session with the requested providers (each must exist here), quiet logging,
+    and no busy-waiting between runs."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed: pip install 'ppllava[runtime]'") from None
+    available = set(ort.get_available_providers())
+    chosen = []
+    for name in providers:
+        provider = PROVIDERS.get(name, name)
+        if provider not in available:
+            raise BackendError(
+                f"onnxruntime provider {provider} is not available here (available: {', '.join(sorted(available))})"
+            )
+        chosen.append(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Spinning intra-op threads would steal the cores that video decoding, the next stage (or a
+    # baseline measured in the same process) need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+
+
+class OrtStage:
+    """One ONNX stage in an onnxruntime InferenceSession."""
+
+    def __init__(self, path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+        self.session = make_session(path, providers, threads)
+        self.path = path
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+
+    def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise BackendError(f"{self.path.name} needs inputs {sorted(missing)}")
+        feed = {}
+        for name in self.input_names:
+            value = inputs[name]
+            want = self._input_types[name]
+            if want == "tensor(float16)" and value.dtype != np.float16:
+                value = value.astype(np.float16)
+            elif want == "tensor(float)" and value.dtype != np.float32:
+                value = value.astype(np.float32)
+            elif want == "tensor(int64)" and value.dtype != np.int64:
+                value = value.astype(np.int64)
+            feed[name] = np.ascontiguousarray(value)
+        try:
+            outputs = self.session.run(list(self.output_names), feed)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"{self.path.name} failed in onnxruntime: {first_line(exc)}") from None
+        return dict(zip(self.output_names, outputs))
+
+
+class OnnxruntimeBackend(HostBackend):
+    """ONNX stages (the FP export, or the ``--precision`` variants ``ppllava quantize`` recorded)
+    and the ONNX LLM (or its ``--precision`` variant), on the requested execution providers."""
+
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
+        self.manifest, self.options = manifest, options
+        precision = options.precision
+        self.max_frames = int(manifest.dims["max_frames"])
+        self.quantized = {n for n in STAGES if precision in manifest.stage(n).get("variants", {})}
+        self.llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
+        if precision and not self.quantized and precision not in self.llm_variants and all(
+            manifest.stage(n).get("precision") != precision for n in STAGES
+        ):
+            raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
+        below = [n for n in self.quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
+        if below:
+            log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
+                        precision, ", ".join(below))
+        self.compute_dtype = precision if "vision" in self.quantized else manifest.stage("vision").get("precision", "fp32")
+        # quantized features are cached separately from the FP ones
+        self.cache_key = f"{precision}" if "vision" in self.quantized else ""
+
+    def artifact(self, stage: str) -> dict:
+        record = self.manifest.stage(stage)
+        if stage in self.quantized:
+            return record["variants"][self.options.precision]
+        return record
+
+    def open_stages(self) -> dict:
+        precision = self.options.precision
+        return {n: OrtStage(self.manifest.stage_path(n, precision if n in self.quantized else None),
+                            self.options.providers, self.options.threads) for n in STAGES}
+
+    def open_decoder(self, embeddings):
+        return open_onnx_llm(self.manifest, self.options, embeddings)
+
+
+def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):
+    """The engine's ONNX LLM (its ``options.precision`` variant where one exists), or None for an
+    engine exported without one."""
+    if "llm" not in manifest.data["stages"]:
+        return None
+    variants = manifest.data["stages"]["llm"].get("variants", {})
+    precision = options.precision if options.precision in variants else None
+    return OrtDecoder(manifest.stage_path("llm", precision), options.providers, options.threads,
+                      kv_in_place=True, embed_tokens=embeddings())
+
+
+class OrtDecoder(StepDecoder):
+    """model.onnx from onnxruntime-genai's builder with ``exclude_embeds=true``; ``embed_tokens``
+    (the engine's embedding table) embeds the tokens it is fed one by one."""
+
+    def __init__(self, llm_dir: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
+                 kv_in_place: bool = False, embed_tokens: np.ndarray | None = None):
+        try:
+            config = json.loads((llm_dir / "genai_config.json").read_text())["model"]
+            decoder = config["decoder"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise BackendError(f"{llm_dir} has no usable genai_config.json: {exc}") from None
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
+        self.context = int(config["context_length"])
+        self.session = make_session(llm_dir / decoder.get("filename", "model.onnx"), providers, threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
+        # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
+        # (MultiHeadAttention) takes them explicitly.
+        self.takes_positions = "position_ids" in inputs
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past = None
+        self.length = 0
+        # In-place KV cache: one fixed (1, kv_heads, context, head_dim) buffer per layer bound as both
+        # past and present (the builder's GroupQueryAttention graph supports this), so no cache is
+        # copied between steps. Only for the GQA graph (no position_ids input).
+        self.kv_in_place = kv_in_place and not self.takes_positions
+        self.embed_tokens = embed_tokens
+
+    def prefill(self, prompt: Prompt) -> np.ndarray:
+        return self.forward(prompt.embeds(self.embed_tokens))
+
+    def step(self, token: int) -> np.ndarray:
+        return self.forward(np.asarray(self.embed_tokens[token], dtype=np.float32)[None, None])
+
+    def reset(self, capacity: int | None = None) -> None:
+        """Start a new sequence; ``capacity`` (prompt + new tokens) sizes the in-place cache."""
+        self.length = 0
+        if self.kv_in_place:
+            want = min(self.context, -(-(capacity or self.context) // 256) * 256)  # round up to 256
+            if not isinstance(self.past, dict) or "binding" not in self.past or self.past["capacity"] < want:
+                shape = (1, self.kv_heads, want, self.head_dim)
+                import onnxruntime
+
+                buffers = {f"{i}.{kv}": onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
+                           for i in range(self.layers) for kv in ("key", "value")}
+                binding = self.session.io_binding()
+                for name, value in buffers.items():
+                    binding.bind_ortvalue_input(f"past_key_values.{name}", value)
+                self.past = {"binding": binding, "buffers": buffers, "capacity": want}
+            return
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.dtype)
+        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+
+    def _forward_in_place(self, embeds: np.ndarray, total: int) -> np.ndarray:
+        binding, buffers = self.past["binding"], self.past["buffers"]
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))  # tokens so far, not the buffer
+        binding.clear_binding_outputs()  # logits change shape between prefill and decode
+        for name, value in buffers.items():
+            binding.bind_ortvalue_output(f"present.{name}", value)
+        binding.bind_output("logits")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"LLM failed in onnxruntime: {first_line(exc)}") from None
+        self.length = total
+        return binding.get_outputs()[-1].numpy()[0, -1].astype(np.float32)
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Append (1, S, D) embeddings to the sequence; returns the last position's logits (V,) float32."""
+        if self.past is None:
+            self.reset()
+        steps = embeds.shape[1]
+        total = self.length + steps
+        if self.kv_in_place:
+            if total > self.past["capacity"]:
+                raise BackendError(f"sequence of {total} tokens exceeds the KV cache of {self.past['capacity']}")
+            return self._forward_in_place(embeds, total)
+        feed = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
+                "attention_mask": np.ones((1, total), np.int64), **self.past}
+        if self.takes_positions:
+            feed["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None]
+        try:
+            outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"LLM failed in onnxruntime: {first_line(exc)}") from None
+        self.past = {
+            f"past_key_values.{i}.{kv}": outputs[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")
+        }
+        self.length = total
+        return outputs["logits"][0, -1].astype(np.float32)

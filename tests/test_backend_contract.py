@@ -1,0 +1,254 @@
+"""The backend seam, reached where the libraries cannot run: the TensorRT and TensorRT-LLM adapters
+driven against stubs of the documented ``tensorrt`` / ``cuda.cudart`` / ``polygraphy`` and
+``tensorrt_llm.runtime.ModelRunner`` APIs, through ``Pipeline.ask``, ``ask_stream`` and bench.
+
+Guards against adapters that diverge from the one generation loop (timing keys bench needs,
+streaming, EOS), against a prompt table that does not rebuild the spliced prompt, and against
+inputs the libraries would not accept (names, dtypes, streaming flags). The stubs compute real
+outputs: a "plan" is the stage's ONNX file run by onnxruntime, and the stub ModelRunner runs the
+engine's ONNX LLM on the embeddings the prompt table describes, so the stubbed backend must answer
+with the onnxruntime backend's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ppllava.export.engine import ExportOptions, export_engine
+from ppllava.runtime.backends import BACKENDS, REGISTRY, BackendError, get_backend
+from ppllava.runtime.bench import BackendResult, BenchOptions, Run, bench_pipeline
+from ppllava.runtime.manifest import Manifest
+from ppllava.runtime.pipeline import Pipeline
+
+IDENTITY = {"tensorrt": "10.3.0", "gpu": "Stub GPU", "compute_capability": "8.7"}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs, tmp_path_factory):
+    """A tiny engine with tensorrt-fp16 "plans" (copies of the ONNX stages, run by the stub) and a
+    recorded TensorRT-LLM engine dir."""
+    out = tmp_path_factory.mktemp("contract") / "engine"
+    export_engine(ExportOptions(tiny_dirs["vicuna"], out), report=lambda _: None)
+    data = json.loads((out / "manifest.json").read_text())
+    for stage in ("vision", "text", "pool"):
+        shutil.copy(out / data["stages"][stage]["file"], out / f"{stage}.fp16.plan")
+        data["stages"][stage].setdefault("variants", {})["tensorrt-fp16"] = {
+            "file": f"{stage}.fp16.plan", "backend": "tensorrt", "precision": "fp16", **IDENTITY, "files": {}}
+    (out / "trtllm_engine").mkdir()
+    data["llm"]["tensorrt_llm_engine"] = {"dir": "trtllm_engine", "scheme": "fp16"}
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
+
+
+class StubModelRunner:
+    """``tensorrt_llm.runtime.ModelRunner`` as documented: ``from_dir(engine_dir=...)`` and
+    ``generate(batch_input_ids=[int32 ids], prompt_table=(1, K, D) fp16, prompt_tasks, max_new_tokens,
+    end_id, pad_id, stop_words_list, streaming, return_dict, output_sequence_lengths, ...)``; with
+    ``streaming=True`` a generator of ``{"output_ids": (B, beams, len), "sequence_lengths": (B, beams)}``
+    growing by one token per step. Greedy, on the engine's ONNX LLM."""
+
+    calls: list[dict] = []
+    engine_root = None
+
+    @classmethod
+    def from_dir(cls, engine_dir: str):
+        runner = cls()
+        runner.engine_dir = engine_dir
+        return runner
+
+    def generate(self, batch_input_ids, prompt_table, prompt_tasks, max_new_tokens, end_id, pad_id,
+                 stop_words_list=None, streaming=False, return_dict=False, output_sequence_lengths=False, **sampling):
+        import torch
+
+        from ppllava.runtime.backends.onnxruntime import OrtDecoder
+        from ppllava.runtime.backends.tensorrt_llm import embed_with_prompt_table
+
+        self.calls.append(dict(ids=batch_input_ids, table=prompt_table, tasks=prompt_tasks, max_new=max_new_tokens,
+                               end_id=end_id, stops=stop_words_list, streaming=streaming, return_dict=return_dict,
+                               lengths=output_sequence_lengths, sampling=sampling))
+        pipe = Pipeline.open(self.engine_root)  # the engine's ONNX LLM stands in for the TensorRT-LLM engine
+        decoder: OrtDecoder = pipe.decoder
+        ids = batch_input_ids[0].numpy().astype(np.int64)[None]
+        embeds = embed_with_prompt_table(ids, prompt_table[0].float().numpy(), pipe.embed_tokens)
+        stops = {s[0] for s in (stop_words_list or [[]])[0]}
+        decoder.reset(capacity=ids.shape[1] + max_new_tokens)
+        logits = decoder.forward(embeds)
+        sequence = list(ids[0])
+
+        def result():
+            out = torch.tensor([[sequence]], dtype=torch.int32)
+            return {"output_ids": out, "sequence_lengths": torch.tensor([[len(sequence)]], dtype=torch.int32)}
+
+        def steps():
+            nonlocal logits
+            for _ in range(max_new_tokens):
+                token = int(np.argmax(logits))
+                sequence.append(token)
+                yield result()
+                if token == end_id or token in stops:
+                    return
+                logits = decoder.forward(np.asarray(pipe.embed_tokens[token], np.float32)[None, None])
+
+        if streaming:
+            return steps()
+        for _ in steps():
+            pass
+        return result()
+
+
+class StubTrtRunner:
+    """``polygraphy.backend.trt.TrtRunner(engine_loader)``: ``activate()``, ``get_input_metadata()``
+    (ordered names) and ``infer(feed_dict)`` -> {name: array}; the "engine" is ONNX run by onnxruntime."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.session = None
+
+    def activate(self):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(self.loader(), providers=["CPUExecutionProvider"])
+
+    def get_input_metadata(self):
+        return {i.name: None for i in self.session.get_inputs()}
+
+    def infer(self, feed_dict):
+        assert all(v.flags["C_CONTIGUOUS"] for v in feed_dict.values())
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed_dict)))
+
+
+@pytest.fixture
+def stubs(monkeypatch, engine):
+    """The GPU libraries, as their documented APIs, in sys.modules (the real ones are absent here)."""
+    cudart = types.SimpleNamespace(cudaGetDeviceProperties=lambda i: (0, types.SimpleNamespace(
+        name=IDENTITY["gpu"].encode(), major=8, minor=7)))
+    modules = {
+        "tensorrt": types.SimpleNamespace(__version__=IDENTITY["tensorrt"]),
+        "cuda": types.SimpleNamespace(cudart=cudart),
+        "polygraphy": types.ModuleType("polygraphy"),
+        "polygraphy.backend": types.ModuleType("polygraphy.backend"),
+        "polygraphy.backend.common": types.SimpleNamespace(BytesFromPath=lambda p: (lambda: open(p, "rb").read())),
+        "polygraphy.backend.trt": types.SimpleNamespace(EngineFromBytes=lambda load: load, TrtRunner=StubTrtRunner),
+        "tensorrt_llm": types.ModuleType("tensorrt_llm"),
+        "tensorrt_llm.runtime": types.SimpleNamespace(ModelRunner=StubModelRunner),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    StubModelRunner.calls = []
+    StubModelRunner.engine_root = engine
+    return modules
+
+
+def test_registry_names_every_backend_and_refuses_others():
+    assert BACKENDS == tuple(REGISTRY) == ("onnxruntime", "tensorrt", "tensorrt-llm", "torch")
+    for name in BACKENDS:
+        cls = get_backend(name)
+        assert cls.name == name
+    with pytest.raises(BackendError, match="unknown"):
+        get_backend("tensorrt-dla")
+
+
+def test_tensorrt_llm_answers_like_onnxruntime_and_streams(engine, stubs):
+    ort = Pipeline.open(engine)
+    trt = Pipeline.open(engine, backend="tensorrt-llm")
+    assert trt.backend.name == "tensorrt-llm" and trt.decoder.__class__.__name__ == "TrtLLMDecoder"
+    assert trt.backend.device().name == IDENTITY["gpu"]
+    frames = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+    want = ort.ask(frames, "What happens?", max_new_tokens=6)
+    pieces = []
+    got = trt.ask(frames, "What happens?", max_new_tokens=6, on_text=pieces.append)
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert "".join(pieces).strip() == got.text
+    call = StubModelRunner.calls[-1]
+    assert call["streaming"] is True and call["return_dict"] is True and call["lengths"] is True
+    K = want.visual_tokens
+    assert tuple(call["table"].shape) == (1, K, 64) and str(call["table"].dtype) == "torch.float16"
+    ids = call["ids"][0].tolist()
+    assert str(call["ids"][0].dtype) == "torch.int32"
+    assert ids.count(1024) == 1 and sorted(t for t in ids if t >= 1024) == list(range(1024, 1024 + K))
+    assert call["end_id"] in trt.eos_token_ids and call["sampling"] == {"top_k": 1}
+    # the one loop's timing keys: prefill and decode, never a single "generate"
+    assert {"prefill", "decode"} <= set(got.timings.ms) and "generate" not in got.timings.ms
+    # ask_stream yields the pieces as they are decoded, then the Answer
+    items = list(trt.ask_stream(frames, "What happens?", max_new_tokens=6))
+    assert items[-1].token_ids == want.token_ids and "".join(items[:-1]).strip() == want.text
+
+
+def test_streaming_reaches_on_token_step_by_step(engine, stubs):
+    """Each token reaches ``on_token`` while the runner is still generating (not all at the end)."""
+    trt = Pipeline.open(engine, backend="tensorrt-llm")
+    seen_when = []
+    original = StubModelRunner.generate
+
+    def counting(self, *args, **kwargs):
+        stream = original(self, *args, **kwargs)
+        for i, item in enumerate(stream):
+            seen_when.append(("yield", i))
+            yield item
+
+    StubModelRunner.generate = counting
+    try:
+        rng = np.random.default_rng(1)
+        px = rng.standard_normal((4, 3, 42, 42)).astype(np.float32)
+        clip = rng.integers(3, 200, (1, 9))
+        trt.generate_ids(px, clip, np.array([[5, 1000, 7, 8]]), max_new_tokens=5, ignore_eos=True,
+                         on_token=lambda t: seen_when.append(("token", t)))
+    finally:
+        StubModelRunner.generate = original
+    kinds = [k for k, _ in seen_when]
+    assert kinds == ["yield", "token"] * 5  # token i is delivered before yield i + 1 is asked for
+    assert StubModelRunner.calls[-1]["end_id"] == -1  # ignore_eos: no end id
+
+
+def test_bench_on_the_stubbed_tensorrt_llm_backend(engine, stubs):
+    pipe = Pipeline.open(engine, backend="tensorrt-llm")
+    options = BenchOptions(synthetic_frames=4, repeat=2, warmup=0, questions=2, max_new_tokens=5)
+    result = bench_pipeline(pipe, options, log_line=lambda _: None, name="tensorrt-llm")
+    summary = result.summary()
+    first = summary["first_question"]
+    assert {"prefill", "decode", "vision", "text", "pool"} <= set(first["stages_ms"])
+    assert first["decode_ms_per_token"]["median"] > 0 and first["tokens_per_s"] > 0
+    ttft = first["time_to_first_token_ms"]["median"]
+    assert 0 < ttft < first["end_to_end_ms"]["median"]
+    assert summary["device"] == IDENTITY["gpu"]
+
+
+def test_bench_summary_of_a_run_without_decode_steps():
+    """The issue's crash: a run whose decode took no measurable time (or one token) has no ms/token."""
+    r = BackendResult("x")
+    r.first = [Run({"vision": 10.0, "text": 1.0, "pool": 1.0, "prefill": 5.0, "decode": 0.0}, 20.0, 32)]
+    summary = r.summary()["first_question"]
+    assert summary["tokens_per_s"] is None and summary["time_to_first_token_ms"]["median"] == 17.0
+
+
+def test_tensorrt_stages_receive_named_contiguous_inputs(engine, stubs):
+    trt = Pipeline.open(engine, backend="tensorrt")
+    ort = Pipeline.open(engine)
+    px = np.asfortranarray(np.random.default_rng(2).standard_normal((4, 3, 42, 42)).astype(np.float32))
+    np.testing.assert_array_equal(trt.vision(px), ort.vision(np.ascontiguousarray(px)))
+    assert trt.backend.artifact("vision")["file"] == "vision.fp16.plan"
+    assert Manifest.load(engine).stage("vision")["variants"]["tensorrt-fp16"]["gpu"] == IDENTITY["gpu"]
+
+
+def test_plan_for_another_gpu_is_refused(engine, stubs, monkeypatch):
+    other = types.SimpleNamespace(cudaGetDeviceProperties=lambda i: (0, types.SimpleNamespace(
+        name=b"Other GPU", major=9, minor=0)))
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(cudart=other))
+    with pytest.raises(BackendError, match="rebuild it here"):
+        Pipeline.open(engine, backend="tensorrt")
+
+
+def test_teacher_forcing_is_refused_on_a_native_decoder(engine, stubs):
+    from ppllava.runtime.manifest import EngineError
+
+    trt = Pipeline.open(engine, backend="tensorrt-llm")
+    with pytest.raises(EngineError, match="step decoder"):
+        trt.forced_choices(np.zeros((4, 3, 42, 42), np.float32), np.ones((1, 4), np.int64),
+                           np.array([[5, 1000, 7]]), [1, 2])
