@@ -23,13 +23,14 @@ import torch
 from ppllava.calibration.dataset import load_shards
 from ppllava.calibration.quantize import QUANT_JSON, QuantizationError
 from ppllava.errors import InputError
-from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
+from ppllava.runtime.manifest import MANIFEST, Manifest, add_variants, file_records, variant_record, write_json_atomic
 from ppllava.runtime.pipeline import Pipeline
+from ppllava.thresholds import QUANT_LLM_TOP1
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8_sq", "int8_wo", "fp8", "int4_awq")
-TOP1_THRESHOLDS = {"int8_sq": 0.95, "int8_wo": 0.95, "fp8": 0.95, "int4_awq": 0.90, "ort_int8": 0.95, "ort_int4": 0.90}
+TOP1_THRESHOLDS = QUANT_LLM_TOP1  # the one thresholds table (ppllava/thresholds.py)
 GREEDY_TOKENS = 16
 DECODER_TYPES = {"llama": "llama", "qwen2": "qwen"}
 
@@ -55,6 +56,13 @@ def _config(scheme: str, hidden: int, intermediate: int):
     return cfg, {"awq_block_size": block}
 
 
+def _questions(shard: dict) -> int:
+    k = 0
+    while f"prompt_ids_{k}" in shard:
+        k += 1
+    return k
+
+
 def _prompts(pipe: Pipeline, shards: list[dict]) -> list[torch.Tensor]:
     """(1, L, D) inputs_embeds for every (video, question) in the shards, as the runtime splices them."""
     out = []
@@ -67,31 +75,25 @@ def _prompts(pipe: Pipeline, shards: list[dict]) -> list[torch.Tensor]:
     return out
 
 
-@torch.inference_mode()
-def _greedy(model, embeds: torch.Tensor, steps: int, table: torch.Tensor) -> list[int]:
-    from transformers import DynamicCache
+def _greedy(model, embeds: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` greedy tokens (no end-of-sequence stop), by the reference's own loop."""
+    from ppllava.generation import SamplingOptions, generate_from_embeds
 
-    cache = DynamicCache()
-    logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1]
-    tokens = [int(logits.argmax(-1))]
-    for _ in range(steps - 1):
-        logits = model(inputs_embeds=table[tokens[-1]][None, None], past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens.append(int(logits.argmax(-1)))
-    return tokens
+    return generate_from_embeds(model, embeds, steps, SamplingOptions(), set()).tokens
 
 
 @torch.inference_mode()
 def _agreement(fp, quant, prompts: list[torch.Tensor], table: torch.Tensor) -> dict:
     agree = total = identical = 0
     for embeds in prompts:
-        path = _greedy(fp, embeds, GREEDY_TOKENS, table)
+        path = _greedy(fp, embeds, GREEDY_TOKENS)
         full = torch.cat([embeds, table[path[:-1]][None]], dim=1)
         start = embeds.shape[1] - 1
         top_fp = fp(inputs_embeds=full).logits[0, start:].argmax(-1)
         top_q = quant(inputs_embeds=full).logits[0, start:].argmax(-1)
         agree += int((top_fp == top_q).sum())
         total += len(path)
-        identical += int(_greedy(quant, embeds, GREEDY_TOKENS, table) == path)
+        identical += int(_greedy(quant, embeds, GREEDY_TOKENS) == path)
     return {"top1_agreement": agree / total, "identical_greedy_answers": identical / len(prompts),
             "held_out_prompts": len(prompts), "tokens_per_prompt": GREEDY_TOKENS}
 
@@ -185,6 +187,7 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     held-out multimodal prompts, recorded as a variant of the LLM stage (``ask --precision int4``)."""
     from ppllava.export.llm import build_onnx_llm
     from ppllava.runtime.backends.onnxruntime import OrtDecoder
+    from ppllava.runtime.sampling import Sampling, TokenSampler
 
     if precision not in ORT_PRECISIONS:
         raise InputError(f"the onnxruntime-genai LLM takes int4 or int8, got {precision!r}")
@@ -195,25 +198,24 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != pipe.engine_id:
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
-    prompts = [p.numpy() for p in _prompts(pipe, shards)]
+    prompts = [pipe.prompt(shard[f"prompt_ids_{k}"], shard[f"visual_tokens_{k}"])
+               for shard in shards for k in range(_questions(shard))]
     held_out = prompts[-max(1, len(prompts) // 5):]
     target = engine_dir / f"llm_{precision}.{os.urandom(3).hex()}"
     progress(f"building the {precision} ONNX LLM with onnxruntime-genai's builder")
     with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.llmq-") as scratch:
         out = Path(scratch) / target.name
         build_onnx_llm(engine_dir / manifest.data["llm"]["hf_dir"], out, torch.float32, precision=precision)
-        fp, quant = OrtDecoder(manifest.stage_path("llm")), OrtDecoder(out)
         table = pipe.embed_tokens
+        fp, quant = OrtDecoder(manifest.stage_path("llm"), embed_tokens=table), OrtDecoder(out, embed_tokens=table)
+        greedy = TokenSampler(Sampling())
         agree = total = identical = 0
-        for embeds in held_out:
-            path = _ort_greedy(fp, embeds, table)
-            quant.reset(capacity=embeds.shape[1] + GREEDY_TOKENS)
-            logits = quant.forward(embeds)
-            for token in path:  # teacher-forced along the FP greedy path
-                agree += int(int(logits.argmax()) == token)
-                total += 1
-                logits = quant.forward(np.asarray(table[token])[None, None])
-            identical += int(_ort_greedy(quant, embeds, table) == path)
+        for prompt in held_out:  # the runtime's one generation loop, on both decoders
+            path = fp.generate(prompt, GREEDY_TOKENS, greedy, set())
+            chosen = quant.forced_choices(prompt, path)  # teacher-forced along the FP greedy path
+            agree += sum(int(a == b) for a, b in zip(chosen, path))
+            total += len(path)
+            identical += int(quant.generate(prompt, GREEDY_TOKENS, greedy, set()) == path)
         report = {"scheme": f"ort_{precision}", "top1_agreement": agree / total,
                   "identical_greedy_answers": identical / len(held_out), "held_out_prompts": len(held_out),
                   "tokens_per_prompt": GREEDY_TOKENS, "threshold_top1": TOP1_THRESHOLDS[f"ort_{precision}"],
@@ -226,24 +228,9 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
             )
         del fp, quant
         out.rename(target)
-    data = json.loads((engine_dir / MANIFEST).read_text())
-    previous = data["stages"]["llm"].get("variants", {}).get(precision)
-    data["stages"]["llm"].setdefault("variants", {})[precision] = {
-        "dir": target.name, "precision": precision, "quantizer": "onnxruntime-genai builder (RTN weight-only)",
-        "files": file_records(engine_dir, sorted(target.iterdir())),
-        "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
-    }
-    write_json_atomic(engine_dir / MANIFEST, data)
-    if previous and previous["dir"] != target.name:
-        shutil.rmtree(engine_dir / previous["dir"], ignore_errors=True)
+    record = variant_record(engine_dir, target, "onnxruntime", precision,
+                            quantizer="onnxruntime-genai builder (RTN weight-only)",
+                            top1_agreement=report["top1_agreement"], below_threshold=report["below_threshold"])
+    for old in add_variants(engine_dir, {("llm", precision): record}):
+        shutil.rmtree(old, ignore_errors=True)
     return report
-
-
-def _ort_greedy(decoder, embeds: np.ndarray, table) -> list[int]:
-    decoder.reset(capacity=embeds.shape[1] + GREEDY_TOKENS)
-    logits = decoder.forward(embeds)
-    tokens = [int(logits.argmax())]
-    for _ in range(GREEDY_TOKENS - 1):
-        logits = decoder.forward(np.asarray(table[tokens[-1]])[None, None])
-        tokens.append(int(logits.argmax()))
-    return tokens

@@ -22,7 +22,8 @@ import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
 from ppllava.runtime.backends.onnxruntime import OrtStage
-from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
+from ppllava.runtime.manifest import Manifest, add_variants, variant_record, write_json_atomic
+from ppllava.thresholds import QUANT_STAGES
 
 from ppllava.calibration.dataset import load_shards
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 STAGES = ("vision", "text", "pool")
 PRECISIONS = {"int8": "int8", "fp8": "fp8"}
 # Accuracy thresholds, one table (cosine similarity against the FP stage on held-out clips).
-THRESHOLDS = {"visual_tokens_cosine": 0.99}
+THRESHOLDS = QUANT_STAGES  # the one thresholds table (ppllava/thresholds.py)
 QUANT_JSON = "quant.json"
 
 
@@ -204,18 +205,7 @@ def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], 
 def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict) -> list[Path]:
     """Add the quantized files to the manifest as stage variants (atomic rewrite); returns the files
     of the variants they replace."""
-    path = engine_dir / MANIFEST
-    data = json.loads(path.read_text())
-    old = []
-    for stage, file in files.items():
-        previous = data["stages"][stage].get("variants", {}).get(precision)
-        if previous and previous["file"] != file.name:
-            old.append(engine_dir / previous["file"])
-        data["stages"][stage].setdefault("variants", {})[precision] = {
-            "file": file.name, "precision": precision, "quantizer": "nvidia-modelopt onnx ptq",
-            "files": file_records(engine_dir, [file]),
-            "visual_tokens_cosine_min": report["visual_tokens"]["cosine_min"],
-            "below_threshold": report["below_threshold"],
-        }
-    write_json_atomic(path, data)
-    return old
+    return add_variants(engine_dir, {(stage, precision): variant_record(
+        engine_dir, file, "onnxruntime", precision, quantizer="nvidia-modelopt onnx ptq",
+        visual_tokens_cosine_min=report["visual_tokens"]["cosine_min"], below_threshold=report["below_threshold"])
+        for stage, file in files.items()})

@@ -32,7 +32,6 @@ class _Clock:
 
 @torch.inference_mode()
 def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, options: BenchOptions, media: str):
-    from transformers import DynamicCache
 
     tok = pipe.tokenizers
     input_ids = torch.from_numpy(tok.prompt_ids([(question, None)])).to(model.device)
@@ -49,20 +48,20 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
     if media == "image":
         visual = torch.cat([visual, model.image_newline[None]], dim=0)
     embeds = model.embed_prompt(input_ids, visual[None])
-    llm = model.language_model
-    cache = DynamicCache()
-    logits = clock("prefill", lambda: llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1])
-    tokens = [int(logits.argmax(-1))]
+    # The reference's own loop (ppllava.generation); the first token's arrival (a host int, so the
+    # device has finished) ends the prefill, the rest is decode, as the runtime's loop records them.
+    from ppllava.generation import SamplingOptions, generate_from_embeds
 
-    def decode():
-        nonlocal logits
-        for _ in range(options.max_new_tokens - 1):
-            step = torch.tensor([[tokens[-1]]], device=model.device)
-            logits = llm(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
-            tokens.append(int(logits.argmax(-1)))
-
-    clock("decode", decode)
-    return tokens
+    if clock.device.type == "cuda":
+        torch.cuda.synchronize(clock.device)
+    arrivals: list[float] = []
+    t0 = time.perf_counter()
+    result = generate_from_embeds(model.language_model, embeds, options.max_new_tokens, SamplingOptions(), set(),
+                                  on_token=lambda _: arrivals.append(time.perf_counter()))
+    t_end = time.perf_counter()
+    clock.ms["prefill"] = clock.ms.get("prefill", 0.0) + (arrivals[0] - t0) * 1e3
+    clock.ms["decode"] = clock.ms.get("decode", 0.0) + (t_end - arrivals[0]) * 1e3
+    return result.tokens
 
 
 def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print) -> BackendResult:

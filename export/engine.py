@@ -28,7 +28,7 @@ from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
 from ppllava.export.verify import VerificationError
 from ppllava.model import PPLLaVA
-from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records
+from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records, variant_record
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +292,8 @@ def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -
         io = steps.run(f"compile torch/{name}.pt2 (AOTInductor, {device})", export_torch_stage, source, name, path,
                        ranges, example_frames, dtype, device,
                        detail=lambda _, p=path: f"{p.stat().st_size / 2**20:.1f} MiB")
-        stages[name].setdefault("variants", {})["torch"] = {
-            "file": str(path.relative_to(work)), "backend": "torch", "precision": dtype, **identity, **io,
-            "dynamic": stages[name]["dynamic"], "files": _files(work, [path]),
-        }
+        stages[name].setdefault("variants", {})["torch"] = variant_record(
+            work, path, "torch", dtype, **identity, **io, dynamic=stages[name]["dynamic"])
     return stages
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ppllava.errors import PPLLaVAError
-from ppllava.runtime.manifest import MANIFEST, Manifest, file_records, write_json_atomic
+from ppllava.runtime.manifest import MANIFEST, Manifest, add_variants, variant_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +177,9 @@ def build_engines(engine_dir: Path, precision: str = "fp16", max_frames: int | N
 
 
 def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> list[Path]:
-    path = engine_dir / MANIFEST
-    data = json.loads(path.read_text())
-    old = []
-    for step in steps:
-        previous = data["stages"][step.stage].get("variants", {}).get(f"tensorrt-{step.precision}")
-        if previous:
-            old.append(engine_dir / previous["file"])
-        data["stages"][step.stage].setdefault("variants", {})[f"tensorrt-{step.precision}"] = {
-            "file": step.plan.name, "backend": "tensorrt", "precision": step.precision, **identity,
-            "profile": {k: [list(s) for s in v] for k, v in step.profile.shapes.items()},
-            "files": file_records(engine_dir, [step.plan]),
-        }
-    write_json_atomic(path, data)
-    return old
+    return add_variants(engine_dir, {(step.stage, f"tensorrt-{step.precision}"): variant_record(
+        engine_dir, step.plan, "tensorrt", step.precision, **identity,
+        profile={k: [list(s) for s in v] for k, v in step.profile.shapes.items()}) for step in steps})
 
 
 # ------------------------------------------------------------------------------ TensorRT-LLM

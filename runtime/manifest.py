@@ -41,6 +41,36 @@ def file_records(root: Path, paths) -> dict[str, dict]:
             for p in paths if Path(p).is_file()}
 
 
+def variant_record(root: Path, path: Path, backend: str, precision: str, **extra) -> dict:
+    """The one record shape of an artifact alternative of a stage (``stages.<stage>.variants.<key>``):
+    its file or directory relative to the engine dir, the backend that runs it, its precision, what
+    the writer adds (identity of the machine it was built for, accuracy numbers, ...), and the size
+    and SHA-256 of every file it consists of."""
+    path = Path(path)
+    where = {"dir": str(path.relative_to(root))} if path.is_dir() else {"file": str(path.relative_to(root))}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {**where, "backend": backend, "precision": precision, **extra, "files": file_records(root, files)}
+
+
+def add_variants(engine_dir: Path, records: dict[tuple[str, str], dict]) -> list[Path]:
+    """Record artifacts in the manifest, one atomic rewrite: ``records`` maps (stage, variant key)
+    to a ``variant_record``. Returns the files or directories of the records they replace (the
+    caller removes them once the new manifest is in place; nothing is deleted here)."""
+    path = Path(engine_dir) / MANIFEST
+    data = json.loads(path.read_text())
+    superseded = []
+    for (stage, key), record in records.items():
+        variants = data["stages"][stage].setdefault("variants", {})
+        previous = variants.get(key)
+        if previous:
+            old = previous.get("file") or previous.get("dir")
+            if old and old != (record.get("file") or record.get("dir")):
+                superseded.append(Path(engine_dir) / old)
+        variants[key] = record
+    write_json_atomic(path, data)
+    return superseded
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON beside ``path`` and rename over it: readers see the old or the new file, never half."""
     import os

@@ -239,7 +239,7 @@ def test_onnxruntime_genai_weight_only_llm(setup, precision):
     ops = [n.op_type for n in onnx.load(str(llm_dir / "model.onnx"), load_external_data=False).graph.node]
     assert "MatMulNBits" in ops  # weight-only quantized matmuls
     pipe = Pipeline.open(work, precision=precision)
-    assert pipe.decoder.session._model_path == str(llm_dir / "model.onnx")
+    assert pipe.decoder.path == llm_dir / "model.onnx"
     shard = load_shards(calib)[1][0]
     out = pipe.generate_ids(shard["pixel_values"], shard["clip_ids_0"], shard["prompt_ids_0"], shard["clip_mask_0"],
                             max_new_tokens=4)

@@ -23,7 +23,6 @@ from ppllava.errors import PPLLaVAError
 
 if TYPE_CHECKING:
     from ppllava.runtime.generation import Decoder
-    from ppllava.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

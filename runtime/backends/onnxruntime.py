@@ -154,7 +154,8 @@ class OrtDecoder(StepDecoder):
         self.kv_heads = int(decoder["num_key_value_heads"])
         self.head_dim = int(decoder["head_size"])
         self.context = int(config["context_length"])
-        self.session = make_session(llm_dir / decoder.get("filename", "model.onnx"), providers, threads)
+        self.path = llm_dir / decoder.get("filename", "model.onnx")  # the graph this decoder runs
+        self.session = make_session(self.path, providers, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
