@@ -122,12 +122,9 @@ def dump(args) -> None:
         result = pipe.generate_ids(None, clip_ids, input_ids, clip_mask, args.max_new_tokens, media, plan,
                                    features=features)
         tokens = result.token_ids
-        # The logits along that path, step by step, as generate_ids's own loop feeds the decoder.
+        # The logits along that path, step by step, through the runtime's one generation loop.
         embeds = pipe.embed_prompt(input_ids, visual)
-        pipe.decoder.reset(capacity=embeds.shape[1] + len(tokens))
-        logits = [pipe.decoder.forward(embeds)]
-        for token in tokens[:-1]:
-            logits.append(pipe.decoder.forward(pipe.embed_tokens[token][None, None]))
+        logits = pipe.decoder.forced_logits(pipe.prompt(input_ids, visual), tokens)
         arrays.update({
             f"{name}/frames": clip.frames, f"{name}/pixels": normalise(clip.frames, spec),
             f"{name}/features": features, f"{name}/clip_ids": clip_ids, f"{name}/text": text,

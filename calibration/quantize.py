@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
+from ppllava.runtime.backends import STAGES
 from ppllava.runtime.backends.onnxruntime import OrtStage
 from ppllava.runtime.manifest import Manifest, add_variants, variant_record, write_json_atomic
 from ppllava.thresholds import QUANT_STAGES
@@ -29,7 +30,6 @@ from ppllava.calibration.dataset import load_shards
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vision", "text", "pool")
 PRECISIONS = {"int8": "int8", "fp8": "fp8"}
 # Accuracy thresholds, one table (cosine similarity against the FP stage on held-out clips).
 THRESHOLDS = QUANT_STAGES  # the one thresholds table (ppllava/thresholds.py)

@@ -27,13 +27,14 @@ from ppllava.export import tokenizers
 from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
 from ppllava.export.verify import VerificationError
+from ppllava.model import DTYPES as ALL_DTYPES
 from ppllava.model import PPLLaVA
 from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records, variant_record
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = 32  # upstream's inference default
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "fp16")}  # what the ONNX export writes
 
 
 @dataclass
@@ -310,7 +311,7 @@ def _source_dtype(checkpoint: Path, fallback: torch.dtype) -> torch.dtype:
     """Keep the extracted LLM in the checkpoint's own precision (bf16/fp16 releases stay small)."""
     raw = json.loads((checkpoint / "config.json").read_text())
     name = raw.get("torch_dtype") or (raw.get("text_config") or {}).get("torch_dtype")
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name, fallback)
+    return ALL_DTYPES.get(name, fallback)
 
 
 def _publish(work: Path, out: Path, force: bool) -> None:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ppllava.errors import PPLLaVAError
+from ppllava.runtime.backends import STAGES
 from ppllava.runtime.manifest import MANIFEST, Manifest, add_variants, variant_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vision", "text", "pool")
 PRECISIONS = ("fp16", "int8", "fp8")
 
 

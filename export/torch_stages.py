@@ -20,11 +20,12 @@ import torch
 from ppllava.errors import PPLLaVAError
 from ppllava.export.onnx_stages import DYNAMIC_AXES, dynamic_shapes, example_inputs
 from ppllava.export.stages import STAGES
+from ppllava.model import DTYPES
 from ppllava.runtime.backends import first_line
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {name: DTYPES[name] for name in ("fp32", "fp16", "bf16")}  # what --torch-dtype takes
 STAGE_NAMES = ("vision", "text", "pool")
 
 

@@ -48,8 +48,10 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The one table of dtype names (ours and transformers'/config.json's) -> torch dtypes; export uses it too.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = DTYPES
 
 
 def _as_dtype(dtype) -> torch.dtype:

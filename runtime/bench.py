@@ -24,7 +24,7 @@ from ppllava.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("hash", "decode_sample", "preprocess", "vision", "text", "pool", "prefill", "decode")
+PHASES = ("hash", "decode_sample", "preprocess", "vision", "text", "pool", "prefill", "decode")  # timed phases of one answer
 QUESTIONS = (
     "What happens in this video?",
     "What is the main object in the scene?",
@@ -99,7 +99,7 @@ class BackendResult:
         def block(runs: list[Run]) -> dict:
             if not runs:
                 return {}
-            stages = {s: summarize([r.stages[s] for r in runs if s in r.stages]) for s in STAGES}
+            stages = {s: summarize([r.stages[s] for r in runs if s in r.stages]) for s in PHASES}
             per_token = [r.ms_per_token for r in runs if r.ms_per_token]
             return {
                 "stages_ms": {k: v for k, v in stages.items() if v},
@@ -184,7 +184,7 @@ def report(engine_dir: Path, options: BenchOptions, results: list[BackendResult]
         base = data["backends"][results[0].name]["first_question"]
         other = data["backends"][results[1].name]["first_question"]
         ratios = {}
-        for stage in STAGES:
+        for stage in PHASES:
             a, b = base["stages_ms"].get(stage), other["stages_ms"].get(stage)
             if a and b and a["median"] > 0:
                 ratios[stage] = b["median"] / a["median"]
@@ -210,7 +210,7 @@ def format_table(data: dict) -> str:
         ratio = data.get("ratios", {}).get(ratio_key) if ratio_key else None
         lines.append(f"{label:<22}" + "".join(cells) + (f"{ratio:>8.2f}x" if ratio else ""))
 
-    for stage in STAGES:
+    for stage in PHASES:
         if any(b["first_question"] and stage in b["first_question"]["stages_ms"] for b in data["backends"].values()):
             row(stage, lambda b, s=stage: b["first_question"]["stages_ms"].get(s), stage)
     row("time to first token", lambda b: b["first_question"]["time_to_first_token_ms"], "time_to_first_token")
@@ -245,12 +245,12 @@ def plot(data: dict, path: Path) -> None:
     for name, b in data["backends"].items():
         for label, block in (("first question", b["first_question"]), ("follow-up", b["follow_up"])):
             if block:
-                bars.append((f"{name}\n{label}", {s: block["stages_ms"][s]["median"] for s in STAGES if s in block["stages_ms"]}))
+                bars.append((f"{name}\n{label}", {s: block["stages_ms"][s]["median"] for s in PHASES if s in block["stages_ms"]}))
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.8 * len(bars)))
     colors = plt.get_cmap("tab10")
     for i, (label, stages) in enumerate(bars):
         left = 0.0
-        for j, stage in enumerate(STAGES):
+        for j, stage in enumerate(PHASES):
             width = stages.get(stage, 0.0)
             ax.barh(i, width, left=left, color=colors(j), label=stage if i == 0 else None)
             left += width
@@ -258,7 +258,7 @@ def plot(data: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("median milliseconds per question")
     ax.set_title(f"ppllava bench: {Path(data['engine']).name} ({data['machine']['cpu_count']} CPU cores)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize="small", ncols=len(STAGES), frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize="small", ncols=len(PHASES), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -59,12 +59,16 @@ class Prompt:
         visual = np.asarray(self.visual, dtype=np.float32)
         return np.concatenate([embeds[: self.image_pos], visual, embeds[self.image_pos + 1 :]])[None]
 
-    def table_ids(self, vocab_size: int) -> np.ndarray:
-        """TensorRT-LLM's multimodal input: the image token becomes ids vocab_size .. vocab_size+K-1,
-        which index rows of the prompt table (the visual tokens)."""
-        fake = np.arange(vocab_size, vocab_size + int(self.visual.shape[0]), dtype=np.int64)
-        ids = self.text_ids
-        return np.concatenate([ids[: self.image_pos], fake, ids[self.image_pos + 1 :]])[None]
+    def prompt_table(self, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """TensorRT-LLM's multimodal input: (1, L - 1 + K) ids and the (K + 1, D) prompt table. The
+        image token becomes ids vocab_size .. vocab_size+K-1, which index the table's rows (the
+        visual tokens); pad-id tokens point at its last row, zeros (as they embed everywhere else)."""
+        K = int(self.visual.shape[0])
+        visual = np.asarray(self.visual, dtype=np.float32)
+        table = np.concatenate([visual, np.zeros((1, visual.shape[1]), np.float32)])
+        ids = np.where(self.pads, vocab_size + K, self.text_ids)
+        fake = np.arange(vocab_size, vocab_size + K, dtype=np.int64)
+        return np.concatenate([ids[: self.image_pos], fake, ids[self.image_pos + 1 :]])[None], table
 
 
 class Decoder(Protocol):
@@ -75,6 +79,8 @@ class Decoder(Protocol):
                  timings=None) -> list[int]: ...
 
     def forced_choices(self, prompt: Prompt, forced: list[int]) -> list[int]: ...
+
+    teacher_forcing: bool  # whether forced_choices is available
 
 
 def _record(timings, key: str, seconds: float) -> None:
@@ -91,6 +97,8 @@ class StepDecoder:
 
     and ``sync()`` where the device runs asynchronously (so that timings are real).
     """
+
+    teacher_forcing = True  # forced_choices works (a native decoder may not offer it)
 
     def reset(self, capacity: int | None = None) -> None:
         raise NotImplementedError
@@ -130,13 +138,15 @@ class StepDecoder:
         _record(timings, DECODE, time.perf_counter() - t0)
         return tokens
 
-    def forced_choices(self, prompt: Prompt, forced: list[int]) -> list[int]:
-        """Teacher forcing: feed ``forced`` one by one; the greedy choice before each."""
+    def forced_logits(self, prompt: Prompt, forced: list[int]) -> np.ndarray:
+        """Teacher forcing: feed ``forced`` one by one; (len(forced), V) logits, row i the ones
+        that choose token i."""
         self.reset(capacity=prompt.length + len(forced))
-        logits = self.prefill(prompt)
-        choices = []
-        for i, token in enumerate(forced):
-            choices.append(int(np.argmax(logits)))
-            if i + 1 < len(forced):
-                logits = self.step(int(token))
-        return choices
+        rows = [self.prefill(prompt)] if forced else []
+        for token in forced[:-1]:
+            rows.append(self.step(int(token)))
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+    def forced_choices(self, prompt: Prompt, forced: list[int]) -> list[int]:
+        """Teacher forcing: the greedy choice before each of ``forced``."""
+        return [int(np.argmax(row)) for row in self.forced_logits(prompt, forced)]

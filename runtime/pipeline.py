@@ -175,8 +175,9 @@ class Pipeline:
         """Teacher forcing: the LLM is fed ``forced`` (e.g. a reference's greedy tokens) one by one,
         and this returns its own greedy choice before each. ``mean(choice == forced)`` is the top-1
         agreement with the reference along the reference's path."""
-        if self.decoder is None:
-            raise EngineError("teacher forcing needs this runtime's own LLM decoder (not --llm none)")
+        if self.decoder is None or not self.decoder.teacher_forcing:
+            raise EngineError("teacher forcing needs a step decoder (onnxruntime or torch), not --llm none and not "
+                              "TensorRT-LLM's ModelRunner, which generates whole sequences")
         visual = self._visual(pixel_values, clip_ids, clip_mask, media_type, plan)
         return self.decoder.forced_choices(self.prompt(input_ids, visual), list(forced))
 

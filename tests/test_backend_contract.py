@@ -50,8 +50,12 @@ class StubModelRunner:
     """``tensorrt_llm.runtime.ModelRunner`` as documented: ``from_dir(engine_dir=...)`` and
     ``generate(batch_input_ids=[int32 ids], prompt_table=(1, K, D) fp16, prompt_tasks, max_new_tokens,
     end_id, pad_id, stop_words_list, streaming, return_dict, output_sequence_lengths, ...)``; with
-    ``streaming=True`` a generator of ``{"output_ids": (B, beams, len), "sequence_lengths": (B, beams)}``
-    growing by one token per step. Greedy, on the engine's ONNX LLM."""
+    ``streaming=True`` a generator of ``{"output_ids": (B, beams, max_len), "sequence_lengths": (B, beams)}``
+    whose length grows by one token per step; ``output_ids`` is padded with ``pad_id`` to the full
+    length, and an end id is not counted in ``sequence_lengths`` (so the adapter must read the
+    lengths, and keep the end token itself). Greedy (``top_k=1``), on the engine's ONNX LLM."""
+
+    SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "random_seed"}  # tensorrt_llm SamplingConfig names
 
     calls: list[dict] = []
     engine_root = None
@@ -70,28 +74,37 @@ class StubModelRunner:
         from ppllava.runtime.backends.tensorrt_llm import embed_with_prompt_table
 
         self.calls.append(dict(ids=batch_input_ids, table=prompt_table, tasks=prompt_tasks, max_new=max_new_tokens,
-                               end_id=end_id, stops=stop_words_list, streaming=streaming, return_dict=return_dict,
-                               lengths=output_sequence_lengths, sampling=sampling))
+                               end_id=end_id, pad_id=pad_id, stops=stop_words_list, streaming=streaming,
+                               return_dict=return_dict, lengths=output_sequence_lengths, sampling=sampling))
+        assert set(sampling) <= self.SAMPLING_FIELDS, sampling
+        if stop_words_list is not None:  # the word-list format: int32 (batch, 2, n)
+            assert isinstance(stop_words_list, np.ndarray) and stop_words_list.dtype == np.int32
+            assert stop_words_list.ndim == 3 and stop_words_list.shape[:2] == (1, 2)
         pipe = Pipeline.open(self.engine_root)  # the engine's ONNX LLM stands in for the TensorRT-LLM engine
         decoder: OrtDecoder = pipe.decoder
         ids = batch_input_ids[0].numpy().astype(np.int64)[None]
         embeds = embed_with_prompt_table(ids, prompt_table[0].float().numpy(), pipe.embed_tokens)
-        stops = {s[0] for s in (stop_words_list or [[]])[0]}
+        stops = set() if stop_words_list is None else set(stop_words_list[0, 0].tolist())
         decoder.reset(capacity=ids.shape[1] + max_new_tokens)
         logits = decoder.forward(embeds)
         sequence = list(ids[0])
 
+        total = ids.shape[1] + max_new_tokens
+
         def result():
-            out = torch.tensor([[sequence]], dtype=torch.int32)
+            out = torch.tensor([[sequence + [pad_id] * (total - len(sequence))]], dtype=torch.int32)
             return {"output_ids": out, "sequence_lengths": torch.tensor([[len(sequence)]], dtype=torch.int32)}
 
         def steps():
             nonlocal logits
             for _ in range(max_new_tokens):
                 token = int(np.argmax(logits))
+                if token == end_id:
+                    yield result()  # finished: the end id is not counted
+                    return
                 sequence.append(token)
                 yield result()
-                if token == end_id or token in stops:
+                if token in stops:
                     return
                 logits = decoder.forward(np.asarray(pipe.embed_tokens[token], np.float32)[None, None])
 
@@ -169,11 +182,14 @@ def test_tensorrt_llm_answers_like_onnxruntime_and_streams(engine, stubs):
     call = StubModelRunner.calls[-1]
     assert call["streaming"] is True and call["return_dict"] is True and call["lengths"] is True
     K = want.visual_tokens
-    assert tuple(call["table"].shape) == (1, K, 64) and str(call["table"].dtype) == "torch.float16"
+    # K visual tokens, then the zero row that pad-id tokens point at
+    assert tuple(call["table"].shape) == (1, K + 1, 64) and str(call["table"].dtype) == "torch.float16"
+    assert not call["table"][0, K].any()
     ids = call["ids"][0].tolist()
     assert str(call["ids"][0].dtype) == "torch.int32"
     assert ids.count(1024) == 1 and sorted(t for t in ids if t >= 1024) == list(range(1024, 1024 + K))
     assert call["end_id"] in trt.eos_token_ids and call["sampling"] == {"top_k": 1}
+    assert call["pad_id"] == Manifest.load(engine).data["llm"]["pad_token_id"]
     # the one loop's timing keys: prefill and decode, never a single "generate"
     assert {"prefill", "decode"} <= set(got.timings.ms) and "generate" not in got.timings.ms
     # ask_stream yields the pieces as they are decoded, then the Answer
@@ -252,3 +268,41 @@ def test_teacher_forcing_is_refused_on_a_native_decoder(engine, stubs):
     with pytest.raises(EngineError, match="step decoder"):
         trt.forced_choices(np.zeros((4, 3, 42, 42), np.float32), np.ones((1, 4), np.int64),
                            np.array([[5, 1000, 7]]), [1, 2])
+
+
+def test_end_and_stop_tokens_are_kept_like_every_decoder(engine, stubs):
+    """An answer that ends at the end id, or at another end-of-sequence id (a stop word), ends with
+    that token on TensorRT-LLM as on onnxruntime (the runner does not count the end id)."""
+    from ppllava.runtime.sampling import Sampling, TokenSampler
+
+    ort, trt = Pipeline.open(engine), Pipeline.open(engine, backend="tensorrt-llm")
+    rng = np.random.default_rng(3)
+    visual = rng.standard_normal((8, 64)).astype(np.float32)
+    prompt = ort.prompt(np.array([[5, 1000, 7, 8]]), visual)
+    greedy = TokenSampler(Sampling())
+    free = ort.decoder.generate(prompt, 6, greedy, set())
+    for eos in ({free[2]}, {free[2], 1}, {1, free[2]} | {free[3]}):
+        want = ort.decoder.generate(prompt, 6, greedy, eos)
+        streamed = []
+        got = trt.decoder.generate(trt.prompt(np.array([[5, 1000, 7, 8]]), visual), 6, greedy, eos,
+                                   on_token=streamed.append)
+        assert got == want == streamed, (eos, got, want)
+        if len(eos) > 1:
+            assert StubModelRunner.calls[-1]["stops"] is not None
+
+
+def test_sampling_maps_to_sampling_config_fields(engine, stubs):
+    from ppllava.runtime.sampling import Sampling, TokenSampler
+
+    trt = Pipeline.open(engine, backend="tensorrt-llm")
+    prompt = trt.prompt(np.array([[5, 1000, 7]]), np.zeros((4, 64), np.float32))
+    trt.decoder.generate(prompt, 2, TokenSampler(Sampling(temperature=0.7, top_k=5, top_p=0.9, seed=11)), {2})
+    assert StubModelRunner.calls[-1]["sampling"] == {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "random_seed": 11}
+    trt.decoder.generate(prompt, 2, TokenSampler(Sampling(temperature=0.7)), {2})
+    assert isinstance(StubModelRunner.calls[-1]["sampling"]["random_seed"], int)  # fresh, as TokenSampler(seed=None)
+
+
+def test_feature_cache_keys_follow_the_artifact(engine, stubs, tmp_path):
+    """Features computed by another artifact or backend are never served from the cache."""
+    ort, trt = Pipeline.open(engine), Pipeline.open(engine, backend="tensorrt")
+    assert ort.engine_id != trt.engine_id and trt.engine_id.endswith("vision.fp16.plan")

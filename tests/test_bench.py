@@ -85,7 +85,7 @@ def test_cli_compare_torch_json_and_plot(engine, tiny_dirs, tmp_path):
     for name in ("onnxruntime", "torch-eager"):
         block = data["backends"][name]
         assert block["cold"]["end_to_end_ms"] > 0 and block["peak_host_mib"] > 0
-        assert set(block["first_question"]["stages_ms"]) == set(bench.STAGES) - {"hash"}
+        assert set(block["first_question"]["stages_ms"]) == set(bench.PHASES) - {"hash"}
         assert block["first_question"]["stages_ms"]["vision"]["n"] == 2
     assert {"vision", "prefill", "decode", "time_to_first_token", "end_to_end"} <= set(data["ratios"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -88,14 +88,15 @@ def test_trtllm_build_command(engine, tmp_path):
 
 def test_prompt_table_gives_the_same_llm_input(engine, tiny_models):
     # The ids from the vocabulary size upward, looked up in the prompt table, must rebuild exactly
-    # the embeddings the onnxruntime path splices.
+    # the embeddings the onnxruntime path splices, the pad id's zero embedding included.
     pipe = Pipeline.open(engine)
     rng = np.random.default_rng(0)
     visual = rng.standard_normal((16, 64)).astype(np.float32)
-    input_ids = np.array([[5, 6, 1000, 7, 8, 9]])
+    input_ids = np.array([[5, 0, 1000, 7, 8, 9]])  # 0 is the tiny Vicuna's pad id
     prompt = pipe.prompt(input_ids, visual)
-    ids, table = prompt.table_ids(1024), visual
-    assert ids.shape == (1, 5 + 16) and ids[0, 2] == 1024 and ids[0, 17] == 1039
+    ids, table = prompt.prompt_table(1024)
+    assert ids.shape == (1, 5 + 16) and ids[0, 2] == 1024 and ids[0, 17] == 1039 and ids[0, 1] == 1024 + 16
+    assert table.shape == (17, 64) and not table[16].any()
     np.testing.assert_array_equal(embed_with_prompt_table(ids, table, pipe.embed_tokens), pipe.embed_prompt(input_ids, visual))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, HostBackend, first_line
+from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, DeviceInfo, HostBackend, first_line
 from ppllava.runtime.generation import Prompt, StepDecoder
 from ppllava.runtime.manifest import EngineError, Manifest
 
@@ -110,8 +110,9 @@ class OnnxruntimeBackend(HostBackend):
             log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
                         precision, ", ".join(below))
         self.compute_dtype = precision if "vision" in self.quantized else manifest.stage("vision").get("precision", "fp32")
-        # quantized features are cached separately from the FP ones
-        self.cache_key = f"{precision}" if "vision" in self.quantized else ""
+        # quantized features are cached apart from the FP ones, and from an earlier quantization's
+        # (each quantize run publishes its files under new names)
+        self.cache_key = Path(self.artifact("vision")["file"]).name if "vision" in self.quantized else ""
 
     def artifact(self, stage: str) -> dict:
         record = self.manifest.stage(stage)
@@ -126,6 +127,10 @@ class OnnxruntimeBackend(HostBackend):
 
     def open_decoder(self, embeddings):
         return open_onnx_llm(self.manifest, self.options, embeddings)
+
+    def device(self) -> DeviceInfo:
+        providers = self.options.providers
+        return DeviceInfo("cpu" if tuple(providers) == ("cpu",) else "onnxruntime " + ",".join(providers))
 
 
 def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):

@@ -12,6 +12,7 @@ documented ``tensorrt_llm.runtime.ModelRunner`` API.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,14 @@ class TensorRTLLMBackend(TensorRTBackend):
 
     def open_decoder(self, embeddings):
         # TensorRT-LLM holds the LLM itself: no ONNX copy is opened; only the vocabulary size is read.
-        return TrtLLMDecoder(self.engine_dir, vocab_size=int(embeddings().shape[0]))
+        return TrtLLMDecoder(self.engine_dir, vocab_size=int(embeddings().shape[0]),
+                             pad_id=int(self.manifest.data["llm"].get("pad_token_id") or 0))
+
+
+def stop_words(tokens: list[int]) -> np.ndarray:
+    """Single-token stop words in TensorRT-LLM's word-list format, what ``to_word_list_format``
+    produces: int32 (1, 2, n), row 0 the flat ids, row 1 each word's end offset."""
+    return np.array([[tokens, list(range(1, len(tokens) + 1))]], dtype=np.int32)
 
 
 def embed_with_prompt_table(ids: np.ndarray, table: np.ndarray, embed_tokens: np.ndarray) -> np.ndarray:
@@ -51,13 +59,16 @@ def embed_with_prompt_table(ids: np.ndarray, table: np.ndarray, embed_tokens: np
 class TrtLLMDecoder:
     """The LLM as a TensorRT-LLM engine (``ModelRunner``), visual tokens passed as a prompt table."""
 
-    def __init__(self, engine_dir: Path, vocab_size: int):
+    teacher_forcing = False  # ModelRunner generates whole sequences
+
+    def __init__(self, engine_dir: Path, vocab_size: int, pad_id: int = 0):
         try:
             from tensorrt_llm.runtime import ModelRunner
         except ImportError:
             raise BackendError("TensorRT-LLM is not installed here (backend 'tensorrt-llm')") from None
         self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir))
         self.vocab_size = vocab_size
+        self.pad_id = pad_id
 
     def generate(self, prompt: Prompt, max_new_tokens: int, sampler, eos: set[int], ignore_eos: bool = False,
                  on_token=None, timings=None) -> list[int]:
@@ -66,24 +77,25 @@ class TrtLLMDecoder:
 
         if max_new_tokens < 1:
             return []
-        ids = prompt.table_ids(self.vocab_size)
-        table = torch.from_numpy(np.asarray(prompt.visual, dtype=np.float32)).half()[None]
+        ids, table = prompt.prompt_table(self.vocab_size)
+        table = torch.from_numpy(table).half()[None]
         if ignore_eos or not eos:
             end_id, stops = -1, None  # -1: no end id, generate max_new_tokens
         else:
             end_id = min(eos)
-            stops = [[[t] for t in sorted(eos - {end_id})]] if len(eos) > 1 else None
+            stops = stop_words(sorted(eos - {end_id})) if len(eos) > 1 else None
         sampling = sampler.sampling
         options = {"top_k": 1} if sampling.temperature == 0 else {
             "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-            **({} if sampling.seed is None else {"random_seed": sampling.seed})}
+            # like TokenSampler: a given seed repeats, no seed draws a fresh one
+            "random_seed": sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")}
         start = ids.shape[1]
         tokens: list[int] = []
         t0 = time.perf_counter()
         t_first = None
         stream = self.runner.generate(
             batch_input_ids=[torch.from_numpy(ids[0]).int()], prompt_table=table, prompt_tasks="0",
-            max_new_tokens=max_new_tokens, end_id=end_id, pad_id=end_id if end_id >= 0 else 0,
+            max_new_tokens=max_new_tokens, end_id=end_id, pad_id=self.pad_id,
             stop_words_list=stops, streaming=True, return_dict=True, output_sequence_lengths=True, **options,
         )
         for output in stream:
@@ -95,6 +107,12 @@ class TrtLLMDecoder:
                 tokens.append(int(token))
                 if on_token is not None:
                     on_token(int(token))
+        if (end_id >= 0 and len(tokens) < max_new_tokens and (not tokens or tokens[-1] not in eos)):
+            # the runner stopped at the end id without counting it in sequence_lengths: keep it, as
+            # every other decoder does
+            tokens.append(end_id)
+            if on_token is not None:
+                on_token(end_id)
         t_end = time.perf_counter()
         if timings is not None:
             timings.add(PREFILL, (t_first or t_end) - t0)
