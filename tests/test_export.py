@@ -260,3 +260,29 @@ def test_kv_cache_in_place_equals_growing_cache(engines, variant):
         runs.append(np.stack(logits))
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=0)
     assert (runs[0].argmax(-1) == runs[1].argmax(-1)).all()
+
+
+def test_verify_judges_a_disagreeing_engine_at_decidable_steps(engines, tiny_models):
+    """Bug class: an fp32 engine whose tokens differ from the reference where rounding cannot explain
+    it must fail verification (the near-tie rule is not a way to pass anything). The engine is
+    the real one with its last greedy choice changed, through a wrapper (no production code patched)."""
+    from ppllava.export import verify
+
+    class Changed:
+        def __init__(self, pipe):
+            self.pipe, self.manifest = pipe, pipe.manifest
+
+        def generate_ids(self, *args, **kwargs):
+            out = self.pipe.generate_ids(*args, **kwargs)
+            out.token_ids[-1] = (out.token_ids[-1] + 1) % 1024
+            return out
+
+        def forced_choices(self, *args, **kwargs):
+            chosen = self.pipe.forced_choices(*args, **kwargs)
+            return chosen[:-1] + [(chosen[-1] + 1) % 1024]
+
+    failures = []
+    report = verify._end_to_end(Changed(Pipeline.open(engines["vicuna"])), tiny_models["vicuna"],
+                                Seeded(verify.SEED), "fp32", failures)
+    assert any("agree at every decidable step" in f for f in failures), failures
+    assert report["agreeing"] != "3/3" and all(c["logit_bound"] > 0 for c in report["cases"])
