@@ -57,6 +57,7 @@ def _config(scheme: str, hidden: int, intermediate: int):
 
 
 def _questions(shard: dict) -> int:
+    """How many questions a calibration shard holds (keys ``prompt_ids_0``, ``prompt_ids_1``, ...)."""
     k = 0
     while f"prompt_ids_{k}" in shard:
         k += 1
@@ -65,14 +66,9 @@ def _questions(shard: dict) -> int:
 
 def _prompts(pipe: Pipeline, shards: list[dict]) -> list[torch.Tensor]:
     """(1, L, D) inputs_embeds for every (video, question) in the shards, as the runtime splices them."""
-    out = []
-    for shard in shards:
-        k = 0
-        while f"prompt_ids_{k}" in shard:
-            embeds = pipe.embed_prompt(shard[f"prompt_ids_{k}"], shard[f"visual_tokens_{k}"])
-            out.append(torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)))
-            k += 1
-    return out
+    return [torch.from_numpy(np.ascontiguousarray(
+                pipe.embed_prompt(shard[f"prompt_ids_{k}"], shard[f"visual_tokens_{k}"]), dtype=np.float32))
+            for shard in shards for k in range(_questions(shard))]
 
 
 def _greedy(model, embeds: torch.Tensor, steps: int) -> list[int]:
@@ -162,7 +158,7 @@ def _save_report(engine_dir: Path, scheme: str, report: dict) -> None:
     update_report(engine_dir, ("llm", scheme), report)
 
 
-def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> None:
+def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> Path | None:
     path = engine_dir / MANIFEST
     data = json.loads(path.read_text())
     previous = data["llm"].get("quantized", {}).get(scheme)
