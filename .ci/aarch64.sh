@@ -99,6 +99,27 @@ fetched() {  # bytes apt says it fetched, from a log
 
 dir_bytes() { du -sb "$1" 2>/dev/null | cut -f1 || echo 0; }
 
+private_apt() {  # private_apt DIR ARCH: a private apt state in DIR for ARCH (APT_CONFIG=DIR/apt.conf).
+  # The machine's sources, keyrings and apt.conf.d (proxies, mirrors) are used; lists, package cache,
+  # dpkg status and architecture are our own, so nothing on the machine changes. Download only.
+  local dir=$1 arch=$2
+  rm -rf "$dir"
+  mkdir -p "$dir/state/lists/partial" "$dir/cache/archives/partial" "$dir/preferences.d"
+  : >"$dir/status"
+  cat >"$dir/apt.conf" <<EOF
+APT::Architecture "$arch";
+APT::Architectures { "$arch"; };
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Dir::State "$dir/state";
+Dir::State::status "$dir/status";
+Dir::Cache "$dir/cache";
+Dir::Etc::Preferences "$dir/preferences";
+Dir::Etc::PreferencesParts "$dir/preferences.d";
+Acquire::Languages "none";
+EOF
+}
+
 # ------------------------------------------------------------------------------------ 1. qemu
 # The machine's own qemu-aarch64-static if it has one; else Debian's package for this machine's
 # architecture, downloaded through a private apt state and unpacked with dpkg -x into the cache
@@ -110,20 +131,8 @@ if [ -z "$QEMU" ]; then
   QROOT=$CACHE/qemu-root
   if [ "$REFRESH" = 1 ] || [ ! -x "$QROOT/usr/bin/qemu-aarch64-static" ]; then
     APTQ=$CACHE/apt-host
-    rm -rf "$APTQ" "$QROOT" "$QROOT.tmp"
-    mkdir -p "$APTQ/state/lists/partial" "$APTQ/cache/archives/partial" "$APTQ/preferences.d"
-    : >"$APTQ/status"
-    HOST_ARCH=$(dpkg --print-architecture)
-    cat >"$APTQ/apt.conf" <<EOF
-APT::Architecture "$HOST_ARCH";
-APT::Architectures { "$HOST_ARCH"; };
-Dir::State "$APTQ/state";
-Dir::State::status "$APTQ/status";
-Dir::Cache "$APTQ/cache";
-Dir::Etc::Preferences "$APTQ/preferences";
-Dir::Etc::PreferencesParts "$APTQ/preferences.d";
-Acquire::Languages "none";
-EOF
+    rm -rf "$QROOT" "$QROOT.tmp"
+    private_apt "$APTQ" "$(dpkg --print-architecture)"
     APT_CONFIG=$APTQ/apt.conf logged apt-update-host 300 apt-get -q update
     DL=$((DL + $(fetched "$RUN/logs/apt-update-host.log")))
     (cd "$APTQ/cache/archives" && APT_CONFIG=$APTQ/apt.conf logged apt-download-qemu 600 apt-get -q download qemu-user-static)
@@ -141,23 +150,8 @@ step "arm64 Python 3.11 sysroot (apt-get + dpkg -x)"
 APTR=$CACHE/apt
 SYSROOT=$CACHE/sysroot
 if [ "$REFRESH" = 1 ] || [ ! -f "$SYSROOT/.complete" ]; then
-  rm -rf "$APTR" "$SYSROOT" "$CACHE/sysroot.tmp"
-  mkdir -p "$APTR/state/lists/partial" "$APTR/cache/archives/partial" "$APTR/preferences.d"
-  : >"$APTR/status"
-  # A private apt: the machine's sources, keyrings and apt.conf.d (proxies, mirrors) are used; lists,
-  # package cache, dpkg status and architecture are our own. Nothing is installed, only downloaded.
-  cat >"$APTR/apt.conf" <<EOF
-APT::Architecture "arm64";
-APT::Architectures { "arm64"; };
-APT::Install-Recommends "false";
-APT::Install-Suggests "false";
-Dir::State "$APTR/state";
-Dir::State::status "$APTR/status";
-Dir::Cache "$APTR/cache";
-Dir::Etc::Preferences "$APTR/preferences";
-Dir::Etc::PreferencesParts "$APTR/preferences.d";
-Acquire::Languages "none";
-EOF
+  rm -rf "$SYSROOT" "$CACHE/sysroot.tmp"
+  private_apt "$APTR" arm64
   APT_CONFIG=$APTR/apt.conf logged apt-update-arm64 300 apt-get -q update
   DL=$((DL + $(fetched "$RUN/logs/apt-update-arm64.log")))
   APT_CONFIG=$APTR/apt.conf logged apt-download-arm64 600 apt-get -q -y install --download-only "${DEBS[@]}"
