@@ -109,10 +109,9 @@ class Pipeline:
              threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
              precision: str | None = None) -> "Pipeline":
         """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
-        if backend not in BACKENDS:
-            raise EngineError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
+        backend_class = get_backend(backend)  # the registry refuses an unknown name, before any file is read
         manifest = Manifest.load(engine_dir)
-        pipe = cls(manifest, get_backend(backend)(manifest, BackendOptions(tuple(providers), threads, precision)))
+        pipe = cls(manifest, backend_class(manifest, BackendOptions(tuple(providers), threads, precision)))
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
 
