@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ppllava.calibration.dataset import load_shards
-from ppllava.calibration.quantize import QUANT_JSON, QuantizationError
-from ppllava.errors import InputError
-from ppllava.runtime.manifest import MANIFEST, Manifest, add_variants, file_records, variant_record, write_json_atomic
+from ppllava.errors import InputError, QuantizationError
+from ppllava.calibration.quantize import QUANT_JSON
+from ppllava.runtime.manifest import Manifest, add_variants, variant_record
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.thresholds import QUANT_LLM_TOP1
 
@@ -159,18 +159,14 @@ def _save_report(engine_dir: Path, scheme: str, report: dict) -> None:
 
 
 def _record(engine_dir: Path, scheme: str, target: Path, report: dict) -> Path | None:
-    path = engine_dir / MANIFEST
-    data = json.loads(path.read_text())
-    previous = data["llm"].get("quantized", {}).get(scheme)
+    """File the checkpoint as the LLM stage's ``tensorrt-llm:<scheme>:checkpoint`` variant (the
+    input of ``build-engines --llm-scheme``); returns the directory of the one it replaces."""
     config = json.loads((target / "config.json").read_text())
-    files = file_records(engine_dir, sorted(target.iterdir()))
-    data["llm"].setdefault("quantized", {})[scheme] = {
-        "dir": str(target.relative_to(engine_dir)), "format": "tensorrt-llm checkpoint",
-        "quantization": config.get("quantization"), "files": files,
-        "top1_agreement": report["top1_agreement"], "below_threshold": report["below_threshold"],
-    }
-    write_json_atomic(path, data)
-    return engine_dir / previous["dir"] if previous else None
+    record = variant_record(engine_dir, target, "tensorrt-llm", scheme, kind="checkpoint",
+                            quantization=config.get("quantization"), top1_agreement=report["top1_agreement"],
+                            below_threshold=report["below_threshold"])
+    superseded = add_variants(engine_dir, [("llm", record)])
+    return superseded[0] if superseded else None
 
 
 ORT_PRECISIONS = ("int4", "int8")
@@ -188,7 +184,7 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     if precision not in ORT_PRECISIONS:
         raise InputError(f"the onnxruntime-genai LLM takes int4 or int8, got {precision!r}")
     manifest = Manifest.load(engine_dir)
-    if "llm" not in manifest.data["stages"]:
+    if not manifest.exported("llm"):
         raise InputError(f"{engine_dir} has no ONNX LLM (exported with --llm none)")
     pipe = Pipeline.open(engine_dir)
     meta, shards = load_shards(calib_dir)
@@ -227,6 +223,6 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     record = variant_record(engine_dir, target, "onnxruntime", precision,
                             quantizer="onnxruntime-genai builder (RTN weight-only)",
                             top1_agreement=report["top1_agreement"], below_threshold=report["below_threshold"])
-    for old in add_variants(engine_dir, {("llm", precision): record}):
+    for old in add_variants(engine_dir, [("llm", record)]):
         shutil.rmtree(old, ignore_errors=True)
     return report

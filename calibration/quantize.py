@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.errors import InputError, PPLLaVAError
+from ppllava.errors import InputError, QuantizationError
 from ppllava.runtime.backends import STAGES
 from ppllava.runtime.backends.onnxruntime import OrtStage
 from ppllava.runtime.manifest import Manifest, add_variants, variant_record, write_json_atomic
@@ -34,10 +34,6 @@ PRECISIONS = {"int8": "int8", "fp8": "fp8"}
 # Accuracy thresholds, one table (cosine similarity against the FP stage on held-out clips).
 THRESHOLDS = QUANT_STAGES  # the one thresholds table (ppllava/thresholds.py)
 QUANT_JSON = "quant.json"
-
-
-class QuantizationError(PPLLaVAError):
-    """Quantization failed, or the quantized stages miss their accuracy threshold."""
 
 
 def _feeds(stage: str, shards: list[dict]) -> list[dict[str, np.ndarray]]:
@@ -205,7 +201,7 @@ def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], 
 def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict) -> list[Path]:
     """Add the quantized files to the manifest as stage variants (atomic rewrite); returns the files
     of the variants they replace."""
-    return add_variants(engine_dir, {(stage, precision): variant_record(
+    return add_variants(engine_dir, [(stage, variant_record(
         engine_dir, file, "onnxruntime", precision, quantizer="nvidia-modelopt onnx ptq",
-        visual_tokens_cosine_min=report["visual_tokens"]["cosine_min"], below_threshold=report["below_threshold"])
-        for stage, file in files.items()})
+        visual_tokens_cosine_min=report["visual_tokens"]["cosine_min"], below_threshold=report["below_threshold"]))
+        for stage, file in files.items()])

@@ -21,15 +21,14 @@ import torch
 
 from ppllava import __version__
 from ppllava.checkpoint import fingerprint
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import PPLLaVAError, VerificationError
 from ppllava.export import llm as llm_export
 from ppllava.export import tokenizers
 from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
-from ppllava.export.verify import VerificationError
 from ppllava.model import DTYPES as ALL_DTYPES
 from ppllava.model import PPLLaVA
-from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records, variant_record
+from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records, record_key, variant_record
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
 
 def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -> dict:
     """Compile each stage with AOTInductor for the chosen device and dtype; recorded as the stage's
-    ``torch`` variant, with the identity (torch version, GPU) the package is tied to."""
+    ``torch:<dtype>`` variant, with the identity (torch version, GPU) the package is tied to."""
     from ppllava.export.torch_stages import device_identity, export_torch_stage, stage_model
 
     device, dtype = options.torch_device, options.torch_dtype
@@ -293,8 +292,8 @@ def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -
         io = steps.run(f"compile torch/{name}.pt2 (AOTInductor, {device})", export_torch_stage, source, name, path,
                        ranges, example_frames, dtype, device,
                        detail=lambda _, p=path: f"{p.stat().st_size / 2**20:.1f} MiB")
-        stages[name].setdefault("variants", {})["torch"] = variant_record(
-            work, path, "torch", dtype, **identity, **io, dynamic=stages[name]["dynamic"])
+        record = variant_record(work, path, "torch", dtype, **identity, **io, dynamic=stages[name]["dynamic"])
+        stages[name].setdefault("variants", {})[record_key(record)] = record
     return stages
 
 

@@ -21,15 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import LLMExportError
 
 log = logging.getLogger(__name__)
 
 BUILDER_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
-
-
-class LLMExportError(PPLLaVAError):
-    """The onnxruntime-genai builder failed or is not installed."""
 
 
 def extract_hf_llm(model, out_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> Path:

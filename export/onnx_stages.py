@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import ExportError
 from ppllava.export.stages import STAGES
 from ppllava.seeded import Seeded
 
@@ -29,10 +29,6 @@ DYNAMIC_AXES = {
     "text": {"clip_ids": {1: "L"}, "clip_mask": {1: "L"}},
     "pool": {"features": {0: "T"}, "window_index": {0: "K", 1: "W"}},
 }
-
-
-class ExportError(PPLLaVAError):
-    """A stage could not be exported (the message carries the exporter's reason)."""
 
 
 def dynamic_ranges(model, max_frames: int, default_frames: int) -> dict[str, dict[str, int]]:

@@ -9,24 +9,20 @@ TensorRT and a GPU.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import BuildError, PPLLaVAError
 from ppllava.runtime.backends import STAGES
-from ppllava.runtime.manifest import MANIFEST, Manifest, add_variants, variant_record, write_json_atomic
+from ppllava.runtime.manifest import Manifest, add_variants, variant_key, variant_record
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "int8", "fp8")
-
-
-class BuildError(PPLLaVAError):
-    """TensorRT is missing, the ONNX does not parse, or the builder fails (its messages attached)."""
 
 
 @dataclass
@@ -86,12 +82,13 @@ def build_plan(engine_dir: Path, precision: str = "fp16", max_frames: int | None
             onnx = manifest.stage_path(name)
             flags = ["FP16"]
         else:
-            if precision not in stage.get("variants", {}):
+            qdq = variant_key("onnxruntime", precision)
+            if manifest.stage_variant(name, qdq) is None:
                 raise BuildError(
                     f"the {name} stage has no {precision} Q/DQ ONNX; run `ppllava quantize {engine_dir} --calib CALIB "
                     f"--stages {name} --precision {precision}` first"
                 )
-            onnx = manifest.stage_path(name, precision)
+            onnx = manifest.stage_path(name, qdq)
             flags = ["FP16", precision.upper()]  # explicit Q/DQ: TensorRT follows the graph's scales
             if precision == "fp8":
                 notes.append("FP8 needs Ada or Hopper (compute capability >= 8.9); Jetson Orin has none")
@@ -177,9 +174,9 @@ def build_engines(engine_dir: Path, precision: str = "fp16", max_frames: int | N
 
 
 def _record(engine_dir: Path, steps: list[BuildStep], identity: dict) -> list[Path]:
-    return add_variants(engine_dir, {(step.stage, f"tensorrt-{step.precision}"): variant_record(
+    return add_variants(engine_dir, [(step.stage, variant_record(
         engine_dir, step.plan, "tensorrt", step.precision, **identity,
-        profile={k: [list(s) for s in v] for k, v in step.profile.shapes.items()}) for step in steps})
+        profile={k: [list(s) for s in v] for k, v in step.profile.shapes.items()})) for step in steps])
 
 
 # ------------------------------------------------------------------------------ TensorRT-LLM
@@ -192,17 +189,16 @@ def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path,
     flags differ from current datacenter releases.
     """
     manifest = Manifest.load(engine_dir)
-    data = manifest.data
     if scheme is None:
         checkpoint = engine_dir / "trtllm" / "fp16"  # placeholder path for the dry run
         note = "fp16 checkpoint: convert llm_hf/ first (TensorRT-LLM's convert_checkpoint.py for the model family)"
     else:
-        entry = data["llm"].get("quantized", {}).get(scheme)
+        entry = manifest.stage_variant("llm", variant_key("tensorrt-llm", scheme, "checkpoint"))
         if entry is None:
             raise BuildError(f"no {scheme} TensorRT-LLM checkpoint; run `ppllava quantize --llm {scheme}` first")
         if entry.get("below_threshold"):
             log.warning("the %s checkpoint was recorded below its accuracy threshold (see quant.json)", scheme)
-        checkpoint = engine_dir / entry["dir"]
+        checkpoint = manifest.path(entry)
         note = None
     # The pool stage can emit up to K_max tokens (any --tokens budget), so the table must hold that.
     max_visual = int(manifest.stage("pool")["dynamic"]["K"]["max"])
@@ -242,15 +238,12 @@ def run_trtllm_build(engine_dir: Path, scheme: str, command: list[str], report=l
             raise BuildError(f"trtllm-build failed with exit code {result.returncode} (its output is above)")
         target = engine_dir / f"trtllm_engine.{os.urandom(3).hex()}"
         out.rename(target)
-    path = engine_dir / MANIFEST
-    data = json.loads(path.read_text())
-    previous = data["llm"].get("tensorrt_llm_engine")
-    data["llm"]["tensorrt_llm_engine"] = {"dir": target.name, "scheme": scheme, **gpu_identity()}
-    write_json_atomic(path, data)
-    if previous and previous["dir"] != target.name:
-        import shutil
-
-        shutil.rmtree(engine_dir / previous["dir"], ignore_errors=True)
+    # One built LLM engine at a time: a build for another scheme replaces it too.
+    record = variant_record(engine_dir, target, "tensorrt-llm", scheme, **gpu_identity())
+    superseded = add_variants(engine_dir, [("llm", record)],
+                              drop=lambda stage, old: old.get("backend") == "tensorrt-llm" and not old.get("kind"))
+    for old in superseded:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import PPLLaVAError, TorchExportError
 from ppllava.export.onnx_stages import DYNAMIC_AXES, dynamic_shapes, example_inputs
 from ppllava.export.stages import STAGES
 from ppllava.model import DTYPES
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {name: DTYPES[name] for name in ("fp32", "fp16", "bf16")}  # what --torch-dtype takes
 STAGE_NAMES = ("vision", "text", "pool")
-
-
-class TorchExportError(PPLLaVAError):
-    """A stage could not be exported or compiled for the torch backend."""
 
 
 def resolve_device(device: str) -> str:

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import BackendError, VerificationError
 from ppllava.numerics import greedy_verdict, rounding_bound
 from ppllava.plan import WindowPlan
-from ppllava.runtime.backends import BackendError
 from ppllava.runtime.manifest import VERIFY
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.seeded import Seeded
@@ -29,10 +28,6 @@ TOLERANCES, METRIC, TOP1_MIN = STAGE_TOLERANCES, STAGE_METRIC, E2E_TOP1_MIN
 E2E_PROMPTS = 3
 E2E_NEW_TOKENS = 8
 SEED = 20251124  # not the tracing seed: verification inputs differ from export inputs
-
-
-class VerificationError(PPLLaVAError):
-    """An exported stage disagrees with the reference beyond its tolerance."""
 
 
 def _errors(got: np.ndarray, want: torch.Tensor) -> dict[str, float]:
@@ -68,7 +63,8 @@ def verify_engine(engine_dir: Path, model, precision: str, torch_required: bool 
     failures: list[str] = []
     pipe = Pipeline.open(engine_dir)
     report = _verify_backend(pipe, model, precision, failures)
-    variant = pipe.manifest.stage("vision").get("variants", {}).get("torch")
+    compiled = pipe.manifest.variants("vision", "torch")  # the export compiles one dtype
+    variant = next(iter(compiled.values()), None)
     if variant is not None:
         torch_failures: list[str] = []
         try:

@@ -15,3 +15,37 @@ class CheckpointError(PPLLaVAError):
 
 class InputError(PPLLaVAError):
     """Tensors handed to the model have the wrong shape, dtype or content."""
+
+
+# The runtime's and the tools' errors live here too, so that every package (the torch-free runtime
+# included) raises from one place and the CLI catches one base class.
+class EngineError(PPLLaVAError):
+    """The engine directory is missing, incomplete, stale or from another format version."""
+
+
+class BackendError(PPLLaVAError):
+    """A backend cannot be used here (library or provider missing) or failed to load a stage."""
+
+
+class ExportError(PPLLaVAError):
+    """A stage could not be exported (the message carries the exporter's reason)."""
+
+
+class LLMExportError(PPLLaVAError):
+    """The onnxruntime-genai builder failed or is not installed."""
+
+
+class TorchExportError(PPLLaVAError):
+    """A stage could not be exported or compiled for the torch backend."""
+
+
+class VerificationError(PPLLaVAError):
+    """An exported stage disagrees with the reference beyond its tolerance."""
+
+
+class BuildError(PPLLaVAError):
+    """TensorRT is missing, the ONNX does not parse, or the builder fails (its messages attached)."""
+
+
+class QuantizationError(PPLLaVAError):
+    """Quantization failed, or the quantized stages miss their accuracy threshold."""

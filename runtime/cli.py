@@ -30,7 +30,8 @@ def _common(p) -> None:
                         "torch: AOTInductor stages from `export --torch` + static-cache LLM (CUDA graphs on a GPU)")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
-    p.add_argument("--precision", help="run the quantized stage variants (int8, fp8) made by `ppllava quantize`")
+    p.add_argument("--precision", help="the recorded variant to run: quantized stages or LLM (int8, fp8, int4) on "
+                   "onnxruntime, plan precision on tensorrt (default fp16), compiled dtype on torch")
 
 
 def _open(args):
@@ -182,6 +183,8 @@ def cmd_chat(args) -> int:
 
 def cmd_bench(args) -> int:
     from ppllava.runtime import bench
+    from ppllava.runtime.backends import BackendOptions, get_backend
+    from ppllava.runtime.manifest import Manifest
     from ppllava.runtime.pipeline import Pipeline
 
     options = bench.BenchOptions(
@@ -193,12 +196,13 @@ def cmd_bench(args) -> int:
     if args.video is None and args.synthetic_frames is None:
         options.synthetic_frames = 8 if args.random_weights == "small" else 32
     options.validate()
-    if args.backend == "torch" and args.compare in ("int8", "fp8", "int4"):
-        raise InputError(f"--compare {args.compare} compares quantized onnxruntime variants; use --backend onnxruntime")
+    backend = get_backend(args.backend)
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
     if args.random_weights:
-        checkpoint, engine_dir = _random_engine(args.random_weights, args.backend == "torch")
+        checkpoint, engine_dir = _random_engine(args.random_weights, backend.torch_stages)
+    if args.compare in ("int8", "fp8", "int4"):  # refuse a missing variant before anything is measured
+        backend(Manifest.load(engine_dir), BackendOptions(precision=args.compare))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)

@@ -12,19 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import EngineError
 from ppllava.plan import WindowPlan
 
 FORMAT = "ppllava-engine"
-FORMAT_VERSION = 1
+# 2: every artifact alternative of a stage (the LLM's included: ONNX variants, TensorRT-LLM
+# checkpoints and engines) is one record in ``stages.<stage>.variants`` under ``variant_key``.
+# Format-1 dirs are upgraded in memory on load (``upgrade``) and written as format 2 by the next
+# command that records an artifact.
+FORMAT_VERSION = 2
+READS = (1, 2)
 MANIFEST = "manifest.json"
 VERIFY = "verify.json"
 CHECKSUM_BYTES = 64 * 2**20
 REQUIRED = ("source", "variant", "dims", "preprocessing", "pooling", "alignment", "llm", "stages")  # larger files (LLM weights) are checked by size at load, by hash on request
-
-
-class EngineError(PPLLaVAError):
-    """The engine directory is missing, incomplete, stale or from another format version."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -41,6 +42,46 @@ def file_records(root: Path, paths) -> dict[str, dict]:
             for p in paths if Path(p).is_file()}
 
 
+def variant_key(backend: str, precision: str, kind: str | None = None) -> str:
+    """The one key scheme of ``stages.<stage>.variants``: the backend that runs the artifact and its
+    precision ("onnxruntime:int8", "tensorrt:fp16", "torch:bf16", "tensorrt-llm:fp8"), and a kind
+    for artifacts that are inputs of a later build rather than run ("tensorrt-llm:fp8:checkpoint")."""
+    return ":".join([backend, precision] + ([kind] if kind else []))
+
+
+def upgrade(data: dict) -> dict:
+    """A format-1 manifest as format 2 (in memory): variant keys from their records' backend and
+    precision, the TensorRT-LLM checkpoints (``llm.quantized``) and engine (``llm.tensorrt_llm_engine``)
+    moved into ``stages.llm.variants``."""
+    if data.get("format_version") != 1:
+        return data
+    for stage in data.get("stages", {}).values():
+        old = stage.pop("variants", None) or {}
+        for key, record in old.items():
+            if key == "torch":
+                backend, precision = "torch", record.get("precision", "fp32")
+            elif key.startswith("tensorrt-"):
+                backend, precision = "tensorrt", key.removeprefix("tensorrt-")
+            else:
+                backend, precision = record.get("backend", "onnxruntime"), record.get("precision", key)
+            stage.setdefault("variants", {})[variant_key(backend, precision)] = {
+                **record, "backend": backend, "precision": precision}
+    llm = data.get("llm", {})
+    variants = {}
+    for scheme, record in (llm.pop("quantized", None) or {}).items():
+        variants[variant_key("tensorrt-llm", scheme, "checkpoint")] = {
+            **record, "backend": "tensorrt-llm", "precision": scheme, "kind": "checkpoint"}
+    built = llm.pop("tensorrt_llm_engine", None)
+    if built:
+        scheme = built.get("scheme") or "fp16"
+        variants[variant_key("tensorrt-llm", scheme)] = {
+            **built, "backend": "tensorrt-llm", "precision": scheme, "files": built.get("files", {})}
+    if variants:
+        data.setdefault("stages", {}).setdefault("llm", {}).setdefault("variants", {}).update(variants)
+    data["format_version"] = 2
+    return data
+
+
 def variant_record(root: Path, path: Path, backend: str, precision: str, **extra) -> dict:
     """The one record shape of an artifact alternative of a stage (``stages.<stage>.variants.<key>``):
     its file or directory relative to the engine dir, the backend that runs it, its precision, what
@@ -52,20 +93,31 @@ def variant_record(root: Path, path: Path, backend: str, precision: str, **extra
     return {**where, "backend": backend, "precision": precision, **extra, "files": file_records(root, files)}
 
 
-def add_variants(engine_dir: Path, records: dict[tuple[str, str], dict]) -> list[Path]:
-    """Record artifacts in the manifest, one atomic rewrite: ``records`` maps (stage, variant key)
-    to a ``variant_record``. Returns the files or directories of the records they replace (the
-    caller removes them once the new manifest is in place; nothing is deleted here)."""
-    path = Path(engine_dir) / MANIFEST
-    data = json.loads(path.read_text())
+def record_key(record: dict) -> str:
+    """The key a ``variant_record`` is filed under: ``variant_key`` of its backend, precision and kind."""
+    return variant_key(record["backend"], record["precision"], record.get("kind"))
+
+
+def add_variants(engine_dir: Path, records: list[tuple[str, dict]], drop=lambda stage, record: False) -> list[Path]:
+    """Record artifacts in the manifest, one atomic rewrite: each (stage, ``variant_record``) is filed
+    under its ``record_key``, replacing the record there; ``drop(stage, record)`` removes other
+    existing records (an artifact that allows one alternative at a time). Returns the files or
+    directories of the records replaced or dropped (the caller removes them once the new manifest is
+    in place; nothing is deleted here). A format-1 manifest is written back as format 2."""
+    root = Path(engine_dir)
+    path = root / MANIFEST
+    data = upgrade(json.loads(path.read_text()))
+    keep = {(stage, record_key(record)): record for stage, record in records}
     superseded = []
-    for (stage, key), record in records.items():
-        variants = data["stages"][stage].setdefault("variants", {})
-        previous = variants.get(key)
-        if previous:
-            old = previous.get("file") or previous.get("dir")
-            if old and old != (record.get("file") or record.get("dir")):
-                superseded.append(Path(engine_dir) / old)
+    for (stage, key), record in keep.items():
+        variants = data["stages"].setdefault(stage, {}).setdefault("variants", {})
+        for old_key, old in list(variants.items()):
+            if old_key != key and not drop(stage, old):
+                continue
+            previous = old.get("file") or old.get("dir")
+            if previous and previous != (record.get("file") or record.get("dir")):
+                superseded.append(root / previous)
+            del variants[old_key]
         variants[key] = record
     write_json_atomic(path, data)
     return superseded
@@ -107,12 +159,13 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise EngineError(f"{path} is not a ppllava engine manifest")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READS:
             newer = isinstance(version, int) and version > FORMAT_VERSION
             raise EngineError(
-                f"{path} has format version {version}; this ppllava reads version {FORMAT_VERSION}: "
+                f"{path} has format version {version}; this ppllava reads versions {', '.join(map(str, READS))}: "
                 + ("upgrade ppllava" if newer else "re-export the checkpoint with `ppllava export --force`")
             )
+        data = upgrade(data)
         missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise EngineError(f"{path} lacks {', '.join(missing)}: damaged or hand-edited; re-export")
@@ -128,25 +181,49 @@ class Manifest:
         except KeyError:
             raise EngineError(f"{self.root / MANIFEST} has no '{name}' stage") from None
 
-    def stage_path(self, name: str, precision: str | None = None) -> Path:
-        """The stage's artifact; ``precision`` picks a quantized variant recorded by ``ppllava quantize``."""
-        stage = self.stage(name)
-        if precision and precision != stage.get("precision"):
-            variant = stage.get("variants", {}).get(precision)
-            if variant is None:
-                have = sorted({stage.get("precision", "?"), *stage.get("variants", {})})
-                raise EngineError(f"the {name} stage has no {precision} variant (available: {', '.join(have)}); "
-                                  f"create it with `ppllava quantize --stages {name} --precision {precision}`")
-            return self.root / (variant.get("file") or variant["dir"])
-        return self.root / (stage.get("file") or stage["dir"])
+    def exported(self, name: str) -> bool:
+        """Whether the export wrote the stage's own artifact (an engine exported with ``--llm none``
+        has no ONNX LLM, though its LLM stage may hold TensorRT-LLM variants)."""
+        stage = self.data["stages"].get(name, {})
+        return bool(stage.get("file") or stage.get("dir"))
+
+    def stage_variant(self, name: str, key: str) -> dict[str, Any] | None:
+        """The record of the stage's variant ``key`` (``variant_key``), or None."""
+        return self.data["stages"].get(name, {}).get("variants", {}).get(key)
+
+    def variants(self, name: str, backend: str, kind: str | None = None) -> dict[str, dict[str, Any]]:
+        """precision -> record of the stage's variants that ``backend`` runs (or, with ``kind``,
+        its build inputs of that kind)."""
+        found = self.data["stages"].get(name, {}).get("variants", {}).values()
+        return {v["precision"]: v for v in found if v.get("backend") == backend and v.get("kind") == kind}
+
+    def path(self, record: dict[str, Any]) -> Path:
+        """The file or directory of a stage or variant record, inside the engine dir."""
+        rel = record.get("file") or record.get("dir")
+        if not isinstance(rel, str) or not rel:
+            raise EngineError(f"{self.root / MANIFEST} has an artifact record without a file: damaged; re-export")
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise EngineError(f"{self.root / MANIFEST} names {rel!r}, outside the engine dir: refused")
+        return self.root / rel
+
+    def stage_path(self, name: str, key: str | None = None) -> Path:
+        """The stage's exported artifact, or its variant ``key`` (``variant_key``)."""
+        if key is None:
+            return self.path(self.stage(name))
+        variant = self.stage_variant(name, key)
+        if variant is None:
+            have = sorted(self.stage(name).get("variants", {}))
+            raise EngineError(f"the {name} stage has no {key} variant (recorded: {', '.join(have) or 'none'})")
+        return self.path(variant)
 
     def check_files(self, verify_checksums: bool = False) -> None:
         """Every stage artifact exists with the size recorded at export; files up to
         ``CHECKSUM_BYTES`` (all of them with ``verify_checksums``) also match their sha256."""
         groups = {name: stage.get("files", {}) for name, stage in self.data.get("stages", {}).items()}
         for name, stage in self.data.get("stages", {}).items():
-            for precision, variant in stage.get("variants", {}).items():
-                groups[f"{name} ({precision})"] = variant.get("files", {})
+            for key, variant in stage.get("variants", {}).items():
+                groups[f"{name} ({key})"] = variant.get("files", {})
         groups["shared"] = self.data.get("files", {})  # embeddings, tokenizers
         for name, files in groups.items():
             for rel, recorded in files.items():

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ppllava.errors import InputError
+from ppllava.errors import EngineError, InputError
 from ppllava.plan import WindowPlan, plan_for_budget
 from ppllava.runtime.backends import BACKENDS, Backend, BackendOptions, get_backend
 from ppllava.runtime.cache import FeatureCache, file_digest
 from ppllava.runtime.generation import Prompt
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.sampling import Sampling, TokenSampler
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ def _load(root: Path, rel: str | None):
         return None
     from tokenizers import Tokenizer
 
-    from ppllava.runtime.manifest import EngineError
+    from ppllava.errors import EngineError
 
     try:
         return Tokenizer.from_file(str(root / rel))

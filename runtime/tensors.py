@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.manifest import EngineError
+from ppllava.errors import EngineError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from ppllava.export.engine import ExportOptions, export_engine
-from ppllava.runtime.backends import BACKENDS, REGISTRY, BackendError, get_backend
+from ppllava.errors import BackendError, EngineError
+from ppllava.runtime.backends import BACKENDS, REGISTRY, get_backend
 from ppllava.runtime.bench import BackendResult, BenchOptions, Run, bench_pipeline
-from ppllava.runtime.manifest import Manifest
+from ppllava.runtime.manifest import Manifest, add_variants, variant_record
 from ppllava.runtime.pipeline import Pipeline
 
 IDENTITY = {"tensorrt": "10.3.0", "gpu": "Stub GPU", "compute_capability": "8.7"}
@@ -35,14 +36,14 @@ def engine(tiny_dirs, tmp_path_factory):
     recorded TensorRT-LLM engine dir."""
     out = tmp_path_factory.mktemp("contract") / "engine"
     export_engine(ExportOptions(tiny_dirs["vicuna"], out), report=lambda _: None)
-    data = json.loads((out / "manifest.json").read_text())
+    records = []
     for stage in ("vision", "text", "pool"):
-        shutil.copy(out / data["stages"][stage]["file"], out / f"{stage}.fp16.plan")
-        data["stages"][stage].setdefault("variants", {})["tensorrt-fp16"] = {
-            "file": f"{stage}.fp16.plan", "backend": "tensorrt", "precision": "fp16", **IDENTITY, "files": {}}
+        shutil.copy(out / f"{stage}.onnx", out / f"{stage}.fp16.plan")
+        records.append((stage, variant_record(out, out / f"{stage}.fp16.plan", "tensorrt", "fp16", **IDENTITY)))
     (out / "trtllm_engine").mkdir()
-    data["llm"]["tensorrt_llm_engine"] = {"dir": "trtllm_engine", "scheme": "fp16"}
-    (out / "manifest.json").write_text(json.dumps(data))
+    (out / "trtllm_engine" / "rank0.engine").write_bytes(b"stub")
+    records.append(("llm", variant_record(out, out / "trtllm_engine", "tensorrt-llm", "fp16", **IDENTITY)))
+    add_variants(out, records)
     return out
 
 
@@ -250,7 +251,7 @@ def test_tensorrt_stages_receive_named_contiguous_inputs(engine, stubs):
     px = np.asfortranarray(np.random.default_rng(2).standard_normal((4, 3, 42, 42)).astype(np.float32))
     np.testing.assert_array_equal(trt.vision(px), ort.vision(np.ascontiguousarray(px)))
     assert trt.backend.artifact("vision")["file"] == "vision.fp16.plan"
-    assert Manifest.load(engine).stage("vision")["variants"]["tensorrt-fp16"]["gpu"] == IDENTITY["gpu"]
+    assert Manifest.load(engine).stage_variant("vision", "tensorrt:fp16")["gpu"] == IDENTITY["gpu"]
 
 
 def test_plan_for_another_gpu_is_refused(engine, stubs, monkeypatch):
@@ -262,7 +263,7 @@ def test_plan_for_another_gpu_is_refused(engine, stubs, monkeypatch):
 
 
 def test_teacher_forcing_is_refused_on_a_native_decoder(engine, stubs):
-    from ppllava.runtime.manifest import EngineError
+    from ppllava.errors import EngineError
 
     trt = Pipeline.open(engine, backend="tensorrt-llm")
     with pytest.raises(EngineError, match="step decoder"):
@@ -306,3 +307,49 @@ def test_feature_cache_keys_follow_the_artifact(engine, stubs, tmp_path):
     """Features computed by another artifact or backend are never served from the cache."""
     ort, trt = Pipeline.open(engine), Pipeline.open(engine, backend="tensorrt")
     assert ort.engine_id != trt.engine_id and trt.engine_id.endswith("vision.fp16.plan")
+
+
+def test_format_1_engine_dirs_are_read_and_upgraded(engine, stubs, tmp_path):
+    """Engine dirs written before format 2 (variant keys "int8" / "tensorrt-fp16" / "torch", the
+    TensorRT-LLM checkpoint and engine under ``llm``) load as format 2, and the next recorded
+    artifact writes the manifest back as format 2 with every old record kept."""
+    old = tmp_path / "v1"
+    shutil.copytree(engine, old)
+    data = json.loads((old / "manifest.json").read_text())
+    for stage in ("vision", "text", "pool"):
+        plan = data["stages"][stage].pop("variants")["tensorrt:fp16"]
+        del plan["backend"]  # format-1 records written before variant_record had no backend field
+        data["stages"][stage]["variants"] = {"tensorrt-fp16": plan}
+    built = data["stages"].pop("llm")["variants"]["tensorrt-llm:fp16"]
+    data["llm"]["tensorrt_llm_engine"] = {"dir": built["dir"], "scheme": "int8_wo", **IDENTITY}
+    data["llm"]["quantized"] = {"int8_wo": {"dir": "trtllm/int8_wo", "format": "tensorrt-llm checkpoint", "files": {}}}
+    data["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(data))
+
+    manifest = Manifest.load(old)
+    assert manifest.data["format_version"] == 2
+    assert manifest.stage_variant("vision", "tensorrt:fp16")["backend"] == "tensorrt"
+    assert set(manifest.variants("llm", "tensorrt-llm")) == {"int8_wo"}
+    assert set(manifest.variants("llm", "tensorrt-llm", kind="checkpoint")) == {"int8_wo"}
+    assert not manifest.exported("llm") and "quantized" not in manifest.data["llm"]
+    pipe = Pipeline.open(old, backend="tensorrt-llm")
+    assert pipe.backend.engine_dir == old / built["dir"]
+    assert len(pipe.ask(np.zeros((4, 48, 64, 3), np.uint8), "what?", max_new_tokens=3).token_ids) >= 1
+
+    (old / "extra.onnx").write_bytes(b"x")
+    add_variants(old, [("pool", variant_record(old, old / "extra.onnx", "onnxruntime", "int8"))])
+    written = json.loads((old / "manifest.json").read_text())
+    assert written["format_version"] == 2 and "tensorrt_llm_engine" not in written["llm"]
+    assert set(written["stages"]["pool"]["variants"]) == {"tensorrt:fp16", "onnxruntime:int8"}
+    assert set(written["stages"]["llm"]["variants"]) == {"tensorrt-llm:int8_wo", "tensorrt-llm:int8_wo:checkpoint"}
+
+
+def test_artifact_paths_stay_inside_the_engine_dir(engine, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(engine, bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    data["stages"]["pool"]["file"] = "../../../etc/passwd"
+    data["stages"]["pool"]["files"] = {}
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="outside the engine dir"):
+        Pipeline.open(bad)

@@ -99,10 +99,10 @@ def test_int8_stages(setup):
     assert (work / "vision.onnx").read_bytes() == before  # the FP stage is untouched
     manifest = Manifest.load(work)
     for stage in ("vision", "text", "pool"):
-        ops = [n.op_type for n in onnx.load(str(manifest.stage_path(stage, "int8"))).graph.node]
+        ops = [n.op_type for n in onnx.load(str(manifest.stage_path(stage, "onnxruntime:int8"))).graph.node]
         assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, stage
     manifest.check_files(verify_checksums=True)
-    assert manifest.stage("vision")["variants"]["int8"]["precision"] == "int8"
+    assert manifest.stage_variant("vision", "onnxruntime:int8")["precision"] == "int8"
     saved = json.loads((work / "quant.json").read_text())["stages"]["int8"]
     assert saved["visual_tokens"]["cosine_min"] == report["visual_tokens"]["cosine_min"]
     assert saved["below_threshold"] == (report["visual_tokens"]["cosine_min"] < saved["thresholds"]["visual_tokens_cosine"])
@@ -111,13 +111,13 @@ def test_int8_stages(setup):
     assert 0.99 <= report["features"]["cosine_mean"] < 1.0 and report["features"]["max_abs_error"] > 0
     assert report["visual_tokens"]["cosine_mean"] >= 0.9
     pipe = Pipeline.open(work, precision="int8")
-    assert pipe.stages["vision"].path == manifest.stage_path("vision", "int8")
+    assert pipe.stages["vision"].path == manifest.stage_path("vision", "onnxruntime:int8")
     # quantizing again replaces the variant: new files recorded, the old ones removed, nothing else left
-    first = manifest.stage_path("vision", "int8")
+    first = manifest.stage_path("vision", "onnxruntime:int8")
     quantize_stages(work, calib, ["vision"], "int8", progress=lambda _: None, enforce_thresholds=False)
     again = Manifest.load(work)
     again.check_files(verify_checksums=True)
-    assert again.stage_path("vision", "int8") != first and not first.exists()
+    assert again.stage_path("vision", "onnxruntime:int8") != first and not first.exists()
     assert sorted(p.name for p in work.parent.iterdir() if p.name.startswith(".engine_q")) == []
     shards = load_shards(calib)[1]
     assert pipe.vision(shards[0]["pixel_values"]).shape == shards[0]["features"].shape
@@ -183,7 +183,8 @@ def test_llm_tensorrt_llm_checkpoint(setup, scheme):
     report = quantize_llm(work, calib, scheme, progress=lambda _: None, enforce_thresholds=False)
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["held_out_prompts"] >= 1
     algo, dtype, extra = EXPECTED_LAYOUT[scheme]
-    recorded_dir = work / Manifest.load(work).data["llm"]["quantized"][scheme]["dir"]
+    manifest = Manifest.load(work)
+    recorded_dir = manifest.path(manifest.variants("llm", "tensorrt-llm", kind="checkpoint")[scheme])
     config = json.loads((recorded_dir / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == algo
     assert config["architecture"] == "LlamaForCausalLM" and config["num_hidden_layers"] == 2
@@ -191,7 +192,7 @@ def test_llm_tensorrt_llm_checkpoint(setup, scheme):
         names = set(f.keys())
         assert str(f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype) == dtype
     assert f"transformer.layers.0.mlp.fc.{extra}" in names
-    recorded = Manifest.load(work).data["llm"]["quantized"][scheme]
+    recorded = Manifest.load(work).stage_variant("llm", f"tensorrt-llm:{scheme}:checkpoint")
     assert recorded["quantization"]["quant_algo"] == algo and recorded["files"]
     Manifest.load(work).check_files()  # the recorded manifest still loads
     saved = json.loads((work / "quant.json").read_text())["llm"][scheme]
@@ -203,7 +204,7 @@ def test_llm_threshold_fails_loudly(setup):
     import shutil
 
     from ppllava.calibration.llm_quant import quantize_llm
-    from ppllava.calibration.quantize import QuantizationError
+    from ppllava.errors import QuantizationError
 
     engine, _, calib, _ = setup
     work = engine.parent / "engine_llm_threshold"
@@ -218,7 +219,7 @@ def test_llm_threshold_fails_loudly(setup):
     finally:
         llm_quant.TOP1_THRESHOLDS.update(original)
     assert not list((work / "trtllm").glob("*")) if (work / "trtllm").exists() else True
-    assert "quantized" not in Manifest.load(work).data["llm"]
+    assert not Manifest.load(work).stage("llm").get("variants")
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
@@ -234,7 +235,7 @@ def test_onnxruntime_genai_weight_only_llm(setup, precision):
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens_per_prompt"] == 16
     manifest = Manifest.load(work)
     manifest.check_files(verify_checksums=True)
-    llm_dir = manifest.stage_path("llm", precision)
+    llm_dir = manifest.stage_path("llm", f"onnxruntime:{precision}")
     assert llm_dir.name.startswith(f"llm_{precision}")
     ops = [n.op_type for n in onnx.load(str(llm_dir / "model.onnx"), load_external_data=False).graph.node]
     assert "MatMulNBits" in ops  # weight-only quantized matmuls

@@ -15,11 +15,11 @@ import pytest
 import torch
 from agreement import assert_greedy_agrees
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import EngineError, PPLLaVAError
 from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.numerics import rounding_bound
 from ppllava.plan import WindowPlan
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.seeded import Seeded
 

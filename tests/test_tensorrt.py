@@ -3,6 +3,7 @@ builds themselves are GPU tests, skipped cleanly where TensorRT is absent."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 from ppllava.export.engine import ExportOptions, export_engine
-from ppllava.export.tensorrt import BuildError, build_plan, max_visual_tokens, trtllm_build_command
-from ppllava.runtime.backends import BackendError
-from ppllava.runtime.manifest import Manifest
+from ppllava.errors import BackendError, BuildError
+from ppllava.export.tensorrt import build_plan, max_visual_tokens, trtllm_build_command
+from ppllava.runtime.manifest import Manifest, add_variants, variant_record
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.runtime.backends.tensorrt import check_plan
 from ppllava.runtime.backends.tensorrt_llm import embed_with_prompt_table
@@ -53,14 +54,21 @@ def test_build_plan_uses_qdq_variants(engine, tmp_path):
 
     work = tmp_path / "e"
     shutil.copytree(engine, work)
-    data = json.loads((work / "manifest.json").read_text())
     for stage in ("vision", "text", "pool"):
         shutil.copy(work / f"{stage}.onnx", work / f"{stage}.fp8.onnx")
-        data["stages"][stage]["variants"] = {"fp8": {"file": f"{stage}.fp8.onnx", "precision": "fp8", "files": {}}}
-    (work / "manifest.json").write_text(json.dumps(data))
+    add_variants(work, [(stage, variant_record(work, work / f"{stage}.fp8.onnx", "onnxruntime", "fp8"))
+                        for stage in ("vision", "text", "pool")])
     steps = build_plan(work, "fp8")
     assert steps[0].onnx.name == "vision.fp8.onnx" and steps[0].flags == ["FP16", "FP8"]
     assert any("Jetson Orin has none" in note for note in steps[0].notes)
+
+
+def _checkpoint(work, scheme):
+    """A TensorRT-LLM checkpoint dir recorded the way ``ppllava quantize --llm`` records one."""
+    target = work / "trtllm" / scheme
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps({"quantization": {"quant_algo": scheme}}))
+    add_variants(work, [("llm", variant_record(work, target, "tensorrt-llm", scheme, kind="checkpoint"))])
 
 
 def test_trtllm_build_command(engine, tmp_path):
@@ -70,9 +78,7 @@ def test_trtllm_build_command(engine, tmp_path):
     shutil.copytree(engine, work)
     with pytest.raises(BuildError, match="ppllava quantize --llm int8_sq"):
         trtllm_build_command(work, "int8_sq", tmp_path / "out")
-    data = json.loads((work / "manifest.json").read_text())
-    data["llm"]["quantized"] = {"int8_sq": {"dir": "trtllm/int8_sq"}}
-    (work / "manifest.json").write_text(json.dumps(data))
+    _checkpoint(work, "int8_sq")
     assert max_visual_tokens(Manifest.load(work)) == 16  # default plan: 8 frames of 6x6 with (2,3,3) windows
     visual = Manifest.load(work).stage("pool")["dynamic"]["K"]["max"]
     assert visual == 288  # but any --tokens budget up to every token (8 x 36) can reach the LLM
@@ -141,7 +147,8 @@ def test_fp16_engines_match_onnxruntime(engine, tmp_path):
     shutil.copytree(engine, work)
     build_engines(work, "fp16", report=lambda _: None)
     manifest = Manifest.load(work)
-    stage = TrtStage(work, manifest.stage("vision")["variants"]["tensorrt-fp16"])
+    plan = manifest.stage_variant("vision", "tensorrt:fp16")
+    stage = TrtStage(manifest.path(plan), plan)
     pixels = np.random.default_rng(0).standard_normal((4, 3, 42, 42)).astype(np.float32)
     ort_features = Pipeline.open(work).vision(pixels)
     np.testing.assert_allclose(stage.run(pixel_values=pixels)["features"], ort_features, atol=5e-2)
@@ -181,16 +188,18 @@ def test_trtllm_build_is_published_and_recorded(engine, tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(trt_export, "gpu_identity", lambda: {"tensorrt": "10.3", "gpu": "test", "compute_capability": "8.7"})
-    data = json.loads((work / "manifest.json").read_text())
-    data["llm"]["quantized"] = {"int8_wo": {"dir": "trtllm/int8_wo"}}
-    (work / "manifest.json").write_text(json.dumps(data))
+    _checkpoint(work, "int8_wo")
     command = trtllm_build_command(work, "int8_wo", work / "trtllm_engine")
     first = trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
     second = trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
-    recorded = Manifest.load(work).data["llm"]["tensorrt_llm_engine"]
+    recorded = Manifest.load(work).variants("llm", "tensorrt-llm")
+    assert list(recorded) == ["int8_wo"] and recorded["int8_wo"]["gpu"] == "test"
+    assert recorded["int8_wo"]["files"] == {f"{second.name}/rank0.engine": {
+        "bytes": 3, "sha256": hashlib.sha256(b"ok\n").hexdigest()}}  # checked at load like every artifact
+    recorded = recorded["int8_wo"]
     assert recorded["dir"] == second.name and (second / "rank0.engine").is_file() and not first.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.trtllm-")]
     fake.write_text("#!/bin/sh\nexit 3\n")
     with pytest.raises(BuildError, match="exit code 3"):
         trt_export.run_trtllm_build(work, "int8_wo", command, report=lambda _: None)
-    assert Manifest.load(work).data["llm"]["tensorrt_llm_engine"]["dir"] == second.name
+    assert Manifest.load(work).variants("llm", "tensorrt-llm")["int8_wo"]["dir"] == second.name

@@ -18,8 +18,7 @@ from agreement import assert_greedy_agrees
 
 from ppllava.numerics import greedy_verdict, rounding_bound
 from ppllava.plan import WindowPlan
-from ppllava.runtime.backends import BackendError
-from ppllava.runtime.manifest import EngineError
+from ppllava.errors import BackendError, EngineError
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.seeded import Seeded
 
@@ -64,7 +63,7 @@ def _reference_pipe_inputs(model, frames: int, seed: int):
 def test_export_records_torch_variants_and_verifies_them(torch_engines, variant):
     manifest = json.loads((torch_engines[variant] / "manifest.json").read_text())
     for name in ("vision", "text", "pool"):
-        entry = manifest["stages"][name]["variants"]["torch"]
+        entry = manifest["stages"][name]["variants"]["torch:fp32"]
         assert entry["backend"] == "torch" and entry["device"] == "cpu" and entry["precision"] == "fp32"
         assert entry["torch"] == torch.__version__.split("+")[0]
         assert (torch_engines[variant] / entry["file"]).is_file() and entry["file"].endswith(".pt2")
@@ -285,11 +284,11 @@ def test_package_compiled_elsewhere_is_refused(torch_engines, tmp_path):
     engine = tmp_path / "stale"
     shutil.copytree(torch_engines["vicuna"], engine)
     manifest = json.loads((engine / "manifest.json").read_text())
-    manifest["stages"]["vision"]["variants"]["torch"]["torch"] = "1.13.0"
+    manifest["stages"]["vision"]["variants"]["torch:fp32"]["torch"] = "1.13.0"
     (engine / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendError, match="re-export"):
         Pipeline.open(engine, backend="torch")
-    manifest["stages"]["vision"]["variants"]["torch"].update(torch=torch.__version__.split("+")[0], device="cuda",
+    manifest["stages"]["vision"]["variants"]["torch:fp32"].update(torch=torch.__version__.split("+")[0], device="cuda",
                                                              gpu="NVIDIA H100", compute_capability="9.0")
     (engine / "manifest.json").write_text(json.dumps(manifest))
     if not torch.cuda.is_available():
@@ -297,9 +296,10 @@ def test_package_compiled_elsewhere_is_refused(torch_engines, tmp_path):
         assert "compiled for CUDA" in line
 
 
-def test_precision_flag_is_refused_on_torch_backend(torch_engines):
-    with pytest.raises(EngineError, match="torch-dtype"):
+def test_precision_picks_the_compiled_dtype_on_torch_backend(torch_engines):
+    with pytest.raises(EngineError, match="compiled in fp32, not int8"):
         Pipeline.open(torch_engines["vicuna"], backend="torch", precision="int8")
+    assert Pipeline.open(torch_engines["vicuna"], backend="torch", precision="fp32").backend.compute_dtype == "fp32"
 
 
 def test_export_torch_device_cuda_without_gpu_is_one_line(tiny_dirs, tmp_path):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import BackendError
 
 if TYPE_CHECKING:
     from ppllava.runtime.generation import Decoder
@@ -35,10 +35,6 @@ REGISTRY = {
 }
 BACKENDS = tuple(REGISTRY)
 STAGES = ("vision", "text", "pool")  # the stages a backend opens runners for (the LLM is its decoder)
-
-
-class BackendError(PPLLaVAError):
-    """A backend cannot be used here (library or provider missing) or failed to load a stage."""
 
 
 class StageRunner(Protocol):
@@ -69,6 +65,7 @@ class Backend(Protocol):
     compute_dtype: str  # what its vision stage computes in ("fp32", "fp16", "bf16", "int8", ...)
     max_frames: int  # the most frames its vision stage accepts (a TensorRT profile may narrow the export's)
     cache_key: str  # what features from this backend depend on beyond the vision artifact's file
+    torch_stages: bool  # its stages are the torch variants (`ppllava export --torch`)
 
     def artifact(self, stage: str) -> dict: ...  # the manifest record of the file it runs for ``stage``
     def open_stages(self) -> dict[str, StageRunner]: ...
@@ -91,6 +88,8 @@ def get_backend(name: str) -> type:
 class HostBackend:
     """Shared behaviour of backends whose stage outputs are host numpy arrays."""
 
+    torch_stages = False
+
     def host(self, value) -> np.ndarray:
         return value
 
@@ -112,7 +111,7 @@ def check_identity(variant: dict, current: dict, fields: tuple[tuple[str, str], 
     ``variant`` must equal this machine's ``current`` value."""
     for key, label in fields:
         if variant.get(key) != current.get(key):
-            raise BackendError(f"{variant.get('file')} was {verb} for {label} {variant.get(key)!r}, this machine has "
+            raise BackendError(f"{variant.get('file') or variant.get('dir')} was {verb} for {label} {variant.get(key)!r}, this machine has "
                                f"{current.get(key)!r}: {remedy}")
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, DeviceInfo, HostBackend, first_line
+from ppllava.errors import BackendError, EngineError
+from ppllava.runtime.backends import STAGES, BackendOptions, DeviceInfo, HostBackend, first_line
 from ppllava.runtime.generation import Prompt, StepDecoder
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.manifest import Manifest, variant_key
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,13 @@ class OnnxruntimeBackend(HostBackend):
         self.manifest, self.options = manifest, options
         precision = options.precision
         self.max_frames = int(manifest.dims["max_frames"])
-        self.quantized = {n for n in STAGES if precision in manifest.stage(n).get("variants", {})}
-        self.llm_variants = manifest.data["stages"].get("llm", {}).get("variants", {})
-        if precision and not self.quantized and precision not in self.llm_variants and all(
+        self.key = variant_key(self.name, precision) if precision else None
+        self.quantized = {n for n in STAGES if self.key and manifest.stage_variant(n, self.key)}
+        if precision and not self.quantized and not manifest.stage_variant("llm", self.key) and all(
             manifest.stage(n).get("precision") != precision for n in STAGES
         ):
             raise EngineError(f"{manifest.root} has no {precision} stages; create them with `ppllava quantize`")
-        below = [n for n in self.quantized if manifest.stage(n)["variants"][precision].get("below_threshold")]
+        below = [n for n in self.quantized if self.artifact(n).get("below_threshold")]
         if below:
             log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
                         precision, ", ".join(below))
@@ -115,15 +116,13 @@ class OnnxruntimeBackend(HostBackend):
         self.cache_key = Path(self.artifact("vision")["file"]).name if "vision" in self.quantized else ""
 
     def artifact(self, stage: str) -> dict:
-        record = self.manifest.stage(stage)
         if stage in self.quantized:
-            return record["variants"][self.options.precision]
-        return record
+            return self.manifest.stage_variant(stage, self.key)
+        return self.manifest.stage(stage)
 
     def open_stages(self) -> dict:
-        precision = self.options.precision
-        return {n: OrtStage(self.manifest.stage_path(n, precision if n in self.quantized else None),
-                            self.options.providers, self.options.threads) for n in STAGES}
+        return {n: OrtStage(self.manifest.path(self.artifact(n)), self.options.providers, self.options.threads)
+                for n in STAGES}
 
     def open_decoder(self, embeddings):
         return open_onnx_llm(self.manifest, self.options, embeddings)
@@ -134,13 +133,12 @@ class OnnxruntimeBackend(HostBackend):
 
 
 def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):
-    """The engine's ONNX LLM (its ``options.precision`` variant where one exists), or None for an
-    engine exported without one."""
-    if "llm" not in manifest.data["stages"]:
+    """The engine's ONNX LLM (its ``onnxruntime:<options.precision>`` variant where one exists), or
+    None for an engine exported without one."""
+    if not manifest.exported("llm"):
         return None
-    variants = manifest.data["stages"]["llm"].get("variants", {})
-    precision = options.precision if options.precision in variants else None
-    return OrtDecoder(manifest.stage_path("llm", precision), options.providers, options.threads,
+    variant = options.precision and manifest.stage_variant("llm", variant_key("onnxruntime", options.precision))
+    return OrtDecoder(manifest.path(variant or manifest.stage("llm")), options.providers, options.threads,
                       kv_in_place=True, embed_tokens=embeddings())
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, DeviceInfo, check_identity, first_line
+from ppllava.errors import BackendError, EngineError
+from ppllava.runtime.backends import STAGES, BackendOptions, DeviceInfo, check_identity, first_line
 from ppllava.runtime.generation import Prompt, StepDecoder
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.manifest import Manifest, variant_key
 
 log = logging.getLogger(__name__)
 
-VARIANT = "torch"  # key of the stages' torch variant in the manifest
 CACHE_STEP = 256  # KV-cache capacity is rounded up to this many positions
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -96,10 +96,10 @@ def _device_errors(what: str):
 class TorchStage:
     """One AOTInductor package; numpy or torch inputs, torch outputs left on the package's device."""
 
-    def __init__(self, root: Path, variant: dict):
+    def __init__(self, path: Path, variant: dict):
         torch = _torch()
         check_package(variant, current_identity(variant.get("device", "cpu")))
-        self.path = root / variant["file"]
+        self.path = path
         self.device = torch.device(variant["device"])
         self.dtype = _dtype(variant["precision"])
         self.input_names = tuple(i["name"] for i in variant["inputs"])
@@ -345,16 +345,21 @@ class TorchBackend:
     dtype), the LLM from ``llm_hf/``; stage outputs stay on the device until ``host``."""
 
     name = "torch"
+    torch_stages = True
 
     def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
-        if options.precision:
-            raise EngineError("--precision picks onnxruntime/TensorRT variants; the torch backend runs the dtype "
-                              "its stages were compiled in (ppllava export --torch --torch-dtype)")
-        missing = [n for n in STAGES if VARIANT not in manifest.stage(n).get("variants", {})]
+        compiled = {n: manifest.variants(n, self.name) for n in STAGES}
+        missing = [n for n in STAGES if not compiled[n]]
         if missing:
             raise EngineError(f"{manifest.root} has no torch stages ({', '.join(missing)}): export them with "
                               f"`ppllava export CHECKPOINT --out {manifest.root} --torch --force`")
+        dtypes = sorted(set.intersection(*(set(v) for v in compiled.values())))
+        chosen = options.precision or (dtypes[0] if len(dtypes) == 1 else None)
+        if chosen not in dtypes:
+            raise EngineError(f"the torch stages of {manifest.root} are compiled in {', '.join(dtypes) or 'mixed dtypes'}"
+                              + (f", not {chosen}" if chosen else "; pick one with --precision"))
         self.manifest, self.options = manifest, options
+        self.key = variant_key(self.name, chosen)
         vision = self.artifact("vision")
         self.device_name = vision.get("device", "cpu")
         self.precision = self.compute_dtype = vision["precision"]
@@ -365,10 +370,10 @@ class TorchBackend:
             _torch().set_num_threads(options.threads)
 
     def artifact(self, stage: str) -> dict:
-        return self.manifest.stage(stage)["variants"][VARIANT]
+        return self.manifest.stage_variant(stage, self.key)
 
     def open_stages(self) -> dict:
-        return {n: TorchStage(self.manifest.root, self.artifact(n)) for n in STAGES}
+        return {n: TorchStage(self.manifest.path(self.artifact(n)), self.artifact(n)) for n in STAGES}
 
     def open_decoder(self, embeddings):
         hf_dir = self.manifest.data["llm"].get("hf_dir")

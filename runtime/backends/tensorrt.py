@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import STAGES, BackendError, BackendOptions, DeviceInfo, HostBackend, check_identity
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.errors import BackendError, EngineError
+from ppllava.runtime.backends import STAGES, BackendOptions, DeviceInfo, HostBackend, check_identity
+from ppllava.runtime.manifest import Manifest, variant_key
 
 
 def check_plan(variant: dict, current: dict) -> None:
@@ -41,14 +42,14 @@ def current_identity() -> dict:
 class TrtStage:
     """One TensorRT plan; named I/O and per-call input shapes through Polygraphy's runner."""
 
-    def __init__(self, root: Path, variant: dict):
+    def __init__(self, path: Path, variant: dict):
         check_plan(variant, current_identity())
         try:
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError:
             raise BackendError("polygraphy is not installed (pip install polygraphy)") from None
-        self.path = root / variant["file"]
+        self.path = path
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.path))))
         self.runner.activate()
         self.input_names = tuple(self.runner.get_input_metadata().keys())
@@ -65,11 +66,11 @@ class TensorRTBackend(HostBackend):
     def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
         self.manifest, self.options = manifest, options
         precision = options.precision or "fp16"
-        self.key = f"tensorrt-{precision}"
+        self.key = variant_key("tensorrt", precision)
         self.compute_dtype = precision
-        missing = [n for n in STAGES if self.key not in manifest.stage(n).get("variants", {})]
+        missing = [n for n in STAGES if manifest.stage_variant(n, self.key) is None]
         if missing:
-            raise EngineError(f"no {self.key} plans for {', '.join(missing)}: build them on this GPU with "
+            raise EngineError(f"no {precision} TensorRT plans for {', '.join(missing)}: build them on this GPU with "
                               f"`ppllava build-engines {manifest.root} --precision {precision}`")
         self.max_frames = int(manifest.dims["max_frames"])
         # a plan's profile may cover fewer frames than the export (build-engines --max-frames)
@@ -79,10 +80,10 @@ class TensorRTBackend(HostBackend):
         self.cache_key = self.artifact("vision")["file"]
 
     def artifact(self, stage: str) -> dict:
-        return self.manifest.stage(stage)["variants"][self.key]
+        return self.manifest.stage_variant(stage, self.key)
 
     def open_stages(self) -> dict:
-        return {n: TrtStage(self.manifest.root, self.artifact(n)) for n in STAGES}
+        return {n: TrtStage(self.manifest.path(self.artifact(n)), self.artifact(n)) for n in STAGES}
 
     def open_decoder(self, embeddings):
         from ppllava.runtime.backends.onnxruntime import open_onnx_llm

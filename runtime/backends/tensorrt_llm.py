@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ppllava.runtime.backends import BackendError, BackendOptions
-from ppllava.runtime.backends.tensorrt import TensorRTBackend
+from ppllava.errors import BackendError, EngineError
+from ppllava.runtime.backends import BackendOptions, check_identity
+from ppllava.runtime.backends.tensorrt import TensorRTBackend, current_identity
 from ppllava.runtime.generation import DECODE, PREFILL, Prompt
-from ppllava.runtime.manifest import EngineError, Manifest
+from ppllava.runtime.manifest import Manifest
 
 
 class TensorRTLLMBackend(TensorRTBackend):
@@ -29,14 +30,17 @@ class TensorRTLLMBackend(TensorRTBackend):
 
     def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
         super().__init__(manifest, options)
-        built = manifest.data["llm"].get("tensorrt_llm_engine")
-        if not built or not (manifest.root / built["dir"]).is_dir():
+        built = list(manifest.variants("llm", self.name).values())  # build-engines keeps one
+        if not built or not manifest.path(built[0]).is_dir():
             raise EngineError(f"no TensorRT-LLM engine recorded in {manifest.root}: run `ppllava build-engines "
                               f"{manifest.root} --llm-scheme SCHEME` on this GPU")
-        self.engine_dir = manifest.root / built["dir"]
+        self.llm = built[0]
+        self.engine_dir = manifest.path(self.llm)
 
     def open_decoder(self, embeddings):
         # TensorRT-LLM holds the LLM itself: no ONNX copy is opened; only the vocabulary size is read.
+        check_identity(self.llm, current_identity(), (("tensorrt", "TensorRT version"), ("gpu", "GPU")),
+                       "built", "rebuild it here with `ppllava build-engines --llm-scheme`")
         return TrtLLMDecoder(self.engine_dir, vocab_size=int(embeddings().shape[0]),
                              pad_id=int(self.manifest.data["llm"].get("pad_token_id") or 0))
 
