@@ -54,7 +54,7 @@ def cmd_quantize(args) -> int:
         report = quantize(args.engine_dir, args.calib, args.llm.removeprefix("ort_") if ort else args.llm,
                           progress=_say, enforce_thresholds=not args.no_threshold)
         where = (f"use it with --precision {args.llm.removeprefix('ort_')}" if ort
-                 else f"TensorRT-LLM checkpoint recorded in the manifest (stages.llm.variants["tensorrt-llm:{args.llm}:checkpoint"])")
+                 else f"TensorRT-LLM checkpoint recorded in the manifest (stages.llm.variants['tensorrt-llm:{args.llm}:checkpoint'])")
         print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} (threshold {report['threshold_top1']}), "
               f"identical greedy answers {report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} "
               f"held-out prompts — {_verdict(report)}; {where}")

@@ -28,7 +28,7 @@ from ppllava.export.onnx_stages import dynamic_ranges, export_stage
 from ppllava.export.templates import choose_template
 from ppllava.model import DTYPES as ALL_DTYPES
 from ppllava.model import PPLLaVA
-from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_records, record_key, variant_record
+from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, add_variants, file_records, variant_record
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
         stages[name] = {"file": path.name, "backend": "onnxruntime", "precision": options.dtype, **io,
                         "dynamic": {d: ranges[d] for d in _dims(io)}, "files": _files(work, files)}
 
-    if options.torch:
-        stages = _torch_stages(options, steps, model, work, stages, ranges, example_frames)
+    torch_records = _torch_stages(options, steps, model, work, stages, ranges, example_frames) if options.torch else []
 
     llm_tok = steps.run("LLM tokenizer", tokenizers.llm_tokenizer, options.checkpoint, work / "tokenizers" / "llm",
                         detail=lambda r: r.source)
@@ -276,10 +275,13 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
                                *sorted((work / "llm_hf").rglob("*"))]),
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if torch_records:  # recorded the way every later artifact is
+        add_variants(work, torch_records)
+        manifest = json.loads((work / MANIFEST).read_text())
     return manifest
 
 
-def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -> dict:
+def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -> list[tuple[str, dict]]:
     """Compile each stage with AOTInductor for the chosen device and dtype; recorded as the stage's
     ``torch:<dtype>`` variant, with the identity (torch version, GPU) the package is tied to."""
     from ppllava.export.torch_stages import device_identity, export_torch_stage, stage_model
@@ -287,14 +289,15 @@ def _torch_stages(options, steps, model, work, stages, ranges, example_frames) -
     device, dtype = options.torch_device, options.torch_dtype
     source = steps.run(f"prepare stages for torch ({dtype} on {device})", stage_model, model, dtype, device)
     identity = device_identity(device)
+    records = []
     for name in ("vision", "text", "pool"):
         path = work / "torch" / f"{name}.pt2"
         io = steps.run(f"compile torch/{name}.pt2 (AOTInductor, {device})", export_torch_stage, source, name, path,
                        ranges, example_frames, dtype, device,
                        detail=lambda _, p=path: f"{p.stat().st_size / 2**20:.1f} MiB")
-        record = variant_record(work, path, "torch", dtype, **identity, **io, dynamic=stages[name]["dynamic"])
-        stages[name].setdefault("variants", {})[record_key(record)] = record
-    return stages
+        records.append((name, variant_record(work, path, "torch", dtype, **identity, **io,
+                                             dynamic=stages[name]["dynamic"])))
+    return records
 
 
 def _dims(io: dict) -> set[str]:
