@@ -27,6 +27,10 @@ class BackendError(PPLLaVAError):
     """A backend cannot be used here (library or provider missing) or failed to load a stage."""
 
 
+class Cancelled(PPLLaVAError):
+    """The caller cancelled a generation (``cancel`` event set, or ``ask_stream`` closed early)."""
+
+
 class ExportError(PPLLaVAError):
     """A stage could not be exported (the message carries the exporter's reason)."""
 

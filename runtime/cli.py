@@ -40,12 +40,10 @@ def _open(args):
 
     if args.frames is not None and args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
     if not [p for p in args.providers.split(",") if p.strip()]:
         raise InputError("--providers is empty (e.g. --providers cpu or --providers cuda,cpu)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    providers = args.providers  # BackendOptions splits "cuda,cpu"
     pipe = Pipeline.open(args.engine_dir, backend=args.backend, providers=providers, threads=args.threads,
                          precision=args.precision)
     return pipe, sampling
@@ -204,7 +202,7 @@ def cmd_bench(args) -> int:
     if args.compare in ("int8", "fp8", "int4"):  # refuse a missing variant before anything is measured
         backend(Manifest.load(engine_dir), BackendOptions(precision=args.compare))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    providers = args.providers  # BackendOptions splits "cuda,cpu"
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
     results = [bench.bench_pipeline(pipe, options, say, name=args.backend)]

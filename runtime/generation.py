@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ppllava.errors import InputError
+from ppllava.errors import Cancelled, InputError
 
 # The timing keys every decoder records (bench derives time to first token and ms/token from them).
 PREFILL, DECODE = "prefill", "decode"
@@ -76,11 +76,16 @@ class Decoder(Protocol):
 
     def generate(self, prompt: Prompt, max_new_tokens: int, sampler: Callable[[np.ndarray], int], eos: set[int],
                  ignore_eos: bool = False, on_token: Callable[[int], None] | None = None,
-                 timings=None) -> list[int]: ...
+                 timings=None, cancel=None) -> list[int]: ...  # cancel: anything with is_set(); raises Cancelled
 
     def forced_choices(self, prompt: Prompt, forced: list[int]) -> list[int]: ...
 
     teacher_forcing: bool  # whether forced_choices is available
+
+
+def check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("generation cancelled")
 
 
 def _record(timings, key: str, seconds: float) -> None:
@@ -114,9 +119,10 @@ class StepDecoder:
 
     def generate(self, prompt: Prompt, max_new_tokens: int, sampler: Callable[[np.ndarray], int], eos: set[int],
                  ignore_eos: bool = False, on_token: Callable[[int], None] | None = None,
-                 timings=None) -> list[int]:
+                 timings=None, cancel=None) -> list[int]:
         """New token ids, chosen by ``sampler(logits)`` (a ``TokenSampler``; ``.sampling`` says how), until an ``eos`` id (kept, unless
-        ``ignore_eos``) or ``max_new_tokens``; each token goes to ``on_token`` as soon as it is chosen."""
+        ``ignore_eos``) or ``max_new_tokens``; each token goes to ``on_token`` as soon as it is chosen.
+        ``cancel.is_set()`` is checked before every step: ``Cancelled`` is raised within one step."""
         tokens: list[int] = []
         if max_new_tokens < 1:
             return tokens
@@ -133,6 +139,7 @@ class StepDecoder:
                 on_token(token)
             if (token in eos and not ignore_eos) or len(tokens) == max_new_tokens:
                 break
+            check_cancel(cancel)
             logits = self.step(token)
         self.sync()
         _record(timings, DECODE, time.perf_counter() - t0)

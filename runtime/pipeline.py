@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ppllava.errors import EngineError, InputError
 from ppllava.plan import WindowPlan, plan_for_budget
 from ppllava.runtime.backends import BACKENDS, Backend, BackendOptions, get_backend
 from ppllava.runtime.cache import FeatureCache, file_digest
-from ppllava.runtime.generation import Prompt
+from ppllava.runtime.generation import Prompt, check_cancel
 from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.sampling import Sampling, TokenSampler
 
@@ -66,13 +67,42 @@ class Answer:
         }
 
 
+class _AnySet:
+    """Set when any of its events is (the caller's ``cancel`` and ``ask_stream``'s own)."""
+
+    def __init__(self, *events):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
 class Pipeline:
-    """Orchestration only: video -> features (cache) -> text -> pool -> prompt -> decoder, on
-    whichever backend (``ppllava.runtime.backends``) runs the stages and the LLM."""
+    """Video question answering over one engine dir: video -> features (cache) -> text -> pool ->
+    prompt -> decoder, on whichever backend (``ppllava.runtime.backends``) runs the stages and the LLM.
+
+    Open with ``Pipeline.open(engine_dir, backend=..., providers=..., threads=..., precision=...)``,
+    preferably as a context manager (``close()`` releases the sessions and memory maps).
+
+    Threads: one Pipeline may be shared. Stage runs (vision / text / pool) are serialised by one
+    lock and generation by another, because the decoder holds one KV cache and bound I/O buffers
+    that a second sequence would overwrite; so a second request's vision stage overlaps the first
+    one's decoding, and answers are exactly what each request would get alone. For parallel
+    decoding open one Pipeline per worker (they share nothing but the files).
+
+    Cancellation: ``ask(..., cancel=event)`` raises ``Cancelled`` within one decode step (or
+    before the next stage) once ``event.is_set()``; closing an ``ask_stream`` generator early
+    (``break``, a client that disconnects) cancels its generation and waits for it, so the
+    pipeline is usable again when the generator is gone.
+    """
 
     def __init__(self, manifest: Manifest, backend: Backend):
         self.manifest = manifest
         self.backend = backend
+        self._stage_lock = threading.RLock()
+        self._decode_lock = threading.Lock()
+        self._init_lock = threading.Lock()
+        self._closed = False
         self.precision = backend.options.precision
         self.max_frames = int(backend.max_frames)
         self.stages = backend.open_stages()
@@ -96,32 +126,61 @@ class Pipeline:
     def _embeddings(self):
         """The token-embedding table (memory-mapped: a 7B vocabulary's table is ~1 GB, and a prompt
         touches a few hundred rows) and ``image_newline``, loaded on first use."""
-        if self.embed_tokens is None:
-            from ppllava.runtime.tensors import map_safetensors
+        with self._init_lock:
+            if self.embed_tokens is None:
+                from ppllava.runtime.tensors import map_safetensors
 
-            extras = map_safetensors(self.manifest.root / self.manifest.data["llm"]["embeddings"])
-            self.embed_tokens = extras["embed_tokens"]
-            self.image_newline = np.asarray(extras["image_newline"])
-        return self.embed_tokens
+                extras = map_safetensors(self.manifest.root / self.manifest.data["llm"]["embeddings"])
+                self.image_newline = np.asarray(extras["image_newline"])
+                self.embed_tokens = extras["embed_tokens"]
+            return self.embed_tokens
 
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
              threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
              precision: str | None = None) -> "Pipeline":
-        """``precision`` ("int8", "fp8") runs the quantized variant of every stage that has one."""
+        """``backend``: a name in ``BACKENDS``; ``providers``: onnxruntime execution providers in
+        order ("cuda,cpu" or ("cuda", "cpu")); ``threads``: intra-op threads per stage (None: the
+        library's default); ``precision``: the recorded variant to run ("int8", "int4", "fp16", ...);
+        ``cache_dir`` / ``cache_bytes``: the vision-feature cache (memory, plus disk if a dir is given)."""
         backend_class = get_backend(backend)  # the registry refuses an unknown name, before any file is read
+        options = BackendOptions(providers, threads, precision)  # checked before any file is read
         manifest = Manifest.load(engine_dir)
-        pipe = cls(manifest, backend_class(manifest, BackendOptions(tuple(providers), threads, precision)))
+        pipe = cls(manifest, backend_class(manifest, options))
         pipe.cache = FeatureCache(cache_bytes, cache_dir)
         return pipe
 
+    def close(self) -> None:
+        """Release the stage sessions, the decoder, the memory-mapped embeddings and the cached
+        features; waits for a running request. Later calls raise ``EngineError``; closing twice is fine."""
+        with self._decode_lock, self._stage_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for stage in self.stages.values():
+                stage.close()
+            self.stages, self.decoder, self._tokenizers = {}, None, None
+            self.embed_tokens = self.image_newline = None
+            self.cache = FeatureCache(0)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_check(self) -> None:
+        if self._closed:
+            raise EngineError("this Pipeline was closed; open the engine dir again")
+
     @property
     def tokenizers(self):
-        if self._tokenizers is None:
-            from ppllava.runtime.prompt import Tokenizers
+        with self._init_lock:
+            if self._tokenizers is None:
+                from ppllava.runtime.prompt import Tokenizers
 
-            self._tokenizers = Tokenizers(self.manifest.root, self.manifest.data)
-        return self._tokenizers
+                self._tokenizers = Tokenizers(self.manifest.root, self.manifest.data)
+            return self._tokenizers
 
     # ---------------------------------------------------------------- stages
     # The public stage methods take and return numpy arrays. The underscored ones are what
@@ -135,13 +194,18 @@ class Pipeline:
     def pool(self, features: np.ndarray, text: np.ndarray, plan: WindowPlan, media_type: str = "video") -> np.ndarray:
         return self.backend.host(self._pool(features, text, plan, media_type))
 
+    def _run(self, stage: str, **inputs) -> dict:
+        with self._stage_lock:
+            self._open_check()
+            return self.stages[stage].run(**inputs)
+
     def _vision(self, pixel_values):
-        return self.stages["vision"].run(pixel_values=pixel_values)["features"]
+        return self._run("vision", pixel_values=pixel_values)["features"]
 
     def _text(self, clip_ids, clip_mask=None):
         if clip_mask is None:
             clip_mask = np.ones_like(clip_ids)
-        return self.stages["text"].run(clip_ids=clip_ids, clip_mask=clip_mask)["text_embedding"]
+        return self._run("text", clip_ids=clip_ids, clip_mask=clip_mask)["text_embedding"]
 
     def _pool(self, features, text, plan: WindowPlan, media_type: str = "video"):
         grid = (features.shape[0], *self.manifest.grid)
@@ -149,7 +213,7 @@ class Pipeline:
             index = plan.window_index(grid)
         except ValueError as exc:
             raise InputError(f"cannot pool {features.shape[0]} frame(s): {exc}") from None
-        tokens = self.stages["pool"].run(features=features, text_embedding=text, window_index=index)["visual_tokens"]
+        tokens = self._run("pool", features=features, text_embedding=text, window_index=index)["visual_tokens"]
         if media_type == "image":
             self._embeddings()
             tokens = self.backend.concat(tokens, self.image_newline)
@@ -178,36 +242,43 @@ class Pipeline:
             raise EngineError("teacher forcing needs a step decoder (onnxruntime or torch), not --llm none and not "
                               "TensorRT-LLM's ModelRunner, which generates whole sequences")
         visual = self._visual(pixel_values, clip_ids, clip_mask, media_type, plan)
-        return self.decoder.forced_choices(self.prompt(input_ids, visual), list(forced))
+        prompt = self.prompt(input_ids, visual)
+        with self._decode_lock:
+            self._open_check()
+            return self.decoder.forced_choices(prompt, list(forced))
 
     # ------------------------------------------------------------ end to end
-    def ask_stream(self, video, question: str, **options):
+    def ask_stream(self, video, question: str, cancel=None, **options):
         """Like ``ask``, as a generator: yields text pieces as they are decoded, then the ``Answer``.
 
-        The work runs on a helper thread; errors are re-raised here, in the caller's thread.
+        The work runs on a helper thread; errors are re-raised here, in the caller's thread. Closing
+        the generator early (``break``, ``.close()``, garbage collection) cancels the generation and
+        waits for the helper thread; ``cancel`` set by the caller raises ``Cancelled`` here.
         """
         import queue
-        import threading
 
         items: queue.Queue = queue.Queue()
         done = object()
+        abandoned = threading.Event()
 
         def work():
             try:
-                items.put(self.ask(video, question, on_text=items.put, **options))
+                items.put(self.ask(video, question, on_text=items.put, cancel=_AnySet(cancel, abandoned), **options))
             except BaseException as exc:  # handed to the consumer, raised there
                 items.put(exc)
             finally:
                 items.put(done)
 
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=work, name="ppllava-ask", daemon=True)
         thread.start()
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                thread.join()
-                raise item
-            yield item
-        thread.join()
+        try:
+            while (item := items.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            abandoned.set()
+            thread.join()
 
     def video_features(self, video, frames: int | None = None, start: float | None = None, end: float | None = None,
                        max_side: int | None = None, timings: Timings | None = None):
@@ -266,9 +337,10 @@ class Pipeline:
     def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,
             start: float | None = None, end: float | None = None, tokens: int | None = None,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: Sampling = Sampling(), max_side: int | None = None,
-            on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Answer:
-        """Answer ``question`` about ``video`` (a file path); ``history`` holds earlier (question,
-        answer) turns. ``on_text`` receives the answer as it streams."""
+            on_text: Callable[[str], None] | None = None, ignore_eos: bool = False, cancel=None) -> Answer:
+        """Answer ``question`` about ``video`` (a file path, or RGB frames (T, H, W, 3) uint8);
+        ``history`` holds earlier (question, answer) turns. ``on_text`` receives the answer as it
+        streams; ``cancel`` (e.g. a ``threading.Event``) stops it with ``Cancelled``."""
         from ppllava.runtime.prompt import check_question
 
         question = check_question(question)
@@ -276,7 +348,9 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         timings = Timings()
+        check_cancel(cancel)
         features, media, count, cached = self.video_features(video, frames, start, end, max_side, timings)
+        check_cancel(cancel)
         plan = self.manifest.plan(media)
         if tokens is not None:
             if media == "image":
@@ -310,7 +384,7 @@ class Pipeline:
                     printed[0] = text
 
         result = self.generate_ids(None, clip_ids, input_ids, clip_mask, max_new_tokens, media, plan, sampling,
-                                   features=features, on_token=emit, ignore_eos=ignore_eos)
+                                   features=features, on_token=emit, ignore_eos=ignore_eos, cancel=cancel)
         for stage, ms in result.timings.ms.items():
             timings.ms[stage] = timings.ms.get(stage, 0.0) + ms
         text = self.tokenizers.decode([t for t in result.token_ids if t not in self.eos_token_ids])
@@ -331,8 +405,10 @@ class Pipeline:
         features: np.ndarray | None = None,
         on_token: Callable[[int], None] | None = None,
         ignore_eos: bool = False,
+        cancel=None,
     ) -> GenerationResult:
         """Pre-processed inputs -> new token ids (greedy unless ``sampling`` says otherwise)."""
+        self._open_check()
         if self.decoder is None:
             raise EngineError(f"{self.manifest.root} was exported without an LLM (--llm none)")
         if media_type not in MEDIA_TYPES:
@@ -359,6 +435,9 @@ class Pipeline:
         if prompt.length >= self.context:
             raise InputError(f"prompt of {prompt.length} tokens ({visual.shape[0]} visual) does not fit the LLM context of {self.context}")
         max_new_tokens = min(max_new_tokens, self.context - prompt.length)
-        tokens = self.decoder.generate(prompt, max_new_tokens, TokenSampler(sampling), self.eos_token_ids,
-                                       ignore_eos=ignore_eos, on_token=on_token, timings=timings)
+        with self._decode_lock:  # one KV cache: one sequence at a time (see the class docstring)
+            self._open_check()
+            check_cancel(cancel)
+            tokens = self.decoder.generate(prompt, max_new_tokens, TokenSampler(sampling), self.eos_token_ids,
+                                           ignore_eos=ignore_eos, on_token=on_token, timings=timings, cancel=cancel)
         return GenerationResult(tokens, timings, int(visual.shape[0]))

@@ -129,6 +129,9 @@ class StubTrtRunner:
 
         self.session = onnxruntime.InferenceSession(self.loader(), providers=["CPUExecutionProvider"])
 
+    def deactivate(self):
+        self.session = None
+
     def get_input_metadata(self):
         return {i.name: None for i in self.session.get_inputs()}
 

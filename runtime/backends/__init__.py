@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ppllava.errors import BackendError
+from ppllava.errors import BackendError, InputError
 
 if TYPE_CHECKING:
     from ppllava.runtime.generation import Decoder
@@ -41,13 +41,26 @@ class StageRunner(Protocol):
     input_names: tuple[str, ...]
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]: ...
+    def close(self) -> None: ...  # release the session / engine context (Pipeline.close)
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers, in order
-    threads: int | None = None  # intra-op threads per stage
+    """Checked here, once, for the API and the CLI alike."""
+
+    providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers, in order ("cuda,cpu" accepted)
+    threads: int | None = None  # intra-op threads per stage; None: the library's default
     precision: str | None = None  # a quantized / built variant ("int8", "fp8", "fp16", ...)
+
+    def __post_init__(self):
+        providers = self.providers.split(",") if isinstance(self.providers, str) else self.providers
+        providers = tuple(str(p).strip() for p in providers if str(p).strip())
+        if not providers:
+            raise InputError("providers must name at least one onnxruntime execution provider, e.g. 'cpu'")
+        object.__setattr__(self, "providers", providers)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InputError(f"threads must be an integer >= 1 (or None for the library's default), got {self.threads!r}")
 
 
 @dataclass(frozen=True)

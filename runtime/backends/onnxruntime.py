@@ -68,6 +68,9 @@ class OrtStage:
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
 
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session (and its arena) with the last reference
+
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         missing = set(self.input_names) - set(inputs)
         if missing:

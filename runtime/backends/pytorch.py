@@ -110,6 +110,9 @@ class TorchStage:
         except Exception as exc:  # a damaged package, or one from another torch build
             raise BackendError(f"torch cannot load {self.path}: {first_line(exc)}") from None
 
+    def close(self) -> None:
+        self.runner = None
+
     def run(self, **inputs) -> dict:
         torch = _torch()
         missing = set(self.input_names) - set(inputs)

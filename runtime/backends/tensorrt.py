@@ -54,6 +54,9 @@ class TrtStage:
         self.runner.activate()
         self.input_names = tuple(self.runner.get_input_metadata().keys())
 
+    def close(self) -> None:
+        self.runner.deactivate()  # frees the execution context and device buffers
+
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return dict(self.runner.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()}))
 

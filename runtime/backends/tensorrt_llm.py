@@ -21,7 +21,7 @@ import numpy as np
 from ppllava.errors import BackendError, EngineError
 from ppllava.runtime.backends import BackendOptions, check_identity
 from ppllava.runtime.backends.tensorrt import TensorRTBackend, current_identity
-from ppllava.runtime.generation import DECODE, PREFILL, Prompt
+from ppllava.runtime.generation import DECODE, PREFILL, Prompt, check_cancel
 from ppllava.runtime.manifest import Manifest
 
 
@@ -75,7 +75,7 @@ class TrtLLMDecoder:
         self.pad_id = pad_id
 
     def generate(self, prompt: Prompt, max_new_tokens: int, sampler, eos: set[int], ignore_eos: bool = False,
-                 on_token=None, timings=None) -> list[int]:
+                 on_token=None, timings=None, cancel=None) -> list[int]:
         """Tokens as the runner streams them; other end-of-sequence ids act as stop words."""
         import torch  # TensorRT-LLM's runtime is torch-based; only this backend imports it
 
@@ -103,6 +103,9 @@ class TrtLLMDecoder:
             stop_words_list=stops, streaming=True, return_dict=True, output_sequence_lengths=True, **options,
         )
         for output in stream:
+            if cancel is not None and cancel.is_set():
+                stream.close()  # stops the runner's generation loop
+                check_cancel(cancel)
             length = int(output["sequence_lengths"][0, 0])
             new = output["output_ids"][0, 0, start:length].tolist()
             if t_first is None and new:
