@@ -4,6 +4,7 @@ imports the PyTorch reference lazily, and only then)."""
 from __future__ import annotations
 
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -32,20 +33,25 @@ def _common(p) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
     p.add_argument("--precision", help="the recorded variant to run: quantized stages or LLM (int8, fp8, int4) on "
                    "onnxruntime, plan precision on tensorrt (default fp16), compiled dtype on torch")
+    p.add_argument("--cache-dir", type=Path, help="where vision features persist between runs (default: "
+                   "$PPLLAVA_CACHE_DIR/features or ~/.cache/ppllava/features)")
+    p.add_argument("--cache-size", type=float, default=4.0, help="disk cache cap in GiB (default 4)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the disk feature cache")
 
 
 def _open(args):
+    from ppllava.runtime.cache import default_cache_dir
     from ppllava.runtime.pipeline import Pipeline
     from ppllava.runtime.sampling import Sampling
 
     if args.frames is not None and args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
-    if not [p for p in args.providers.split(",") if p.strip()]:
-        raise InputError("--providers is empty (e.g. --providers cpu or --providers cuda,cpu)")
+    if args.cache_size <= 0:
+        raise InputError(f"--cache-size must be > 0 GiB, got {args.cache_size} (use --no-cache to turn it off)")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    providers = args.providers  # BackendOptions splits "cuda,cpu"
-    pipe = Pipeline.open(args.engine_dir, backend=args.backend, providers=providers, threads=args.threads,
-                         precision=args.precision)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    pipe = Pipeline.open(args.engine_dir, backend=args.backend, providers=args.providers, threads=args.threads,
+                         precision=args.precision, cache_dir=cache_dir, cache_disk_bytes=int(args.cache_size * 2**30))
     return pipe, sampling
 
 
@@ -250,7 +256,36 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Torch-free integrity check after copying an engine dir: the manifest's schema, every path
+    inside the dir, every file's size and sha256 (large ones included), with progress."""
+    from ppllava.runtime.manifest import Manifest
+
+    manifest = Manifest.load(args.engine_dir, check_files=False)
+    last = [0.0]
+
+    def progress(done, total, path):
+        now = time.monotonic()
+        if path is None or now - last[0] > 0.5:
+            last[0] = now
+            name = "done" if path is None else path.relative_to(manifest.root)
+            print(f"\r  {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB  {name}\033[K", end="", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    summary = manifest.check_files(verify_checksums=True, progress=None if args.quiet else progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(f"{manifest.root}: ok, {summary['files']} files, {summary['bytes'] / 2**30:.2f} GiB match their sha256 "
+          f"({time.monotonic() - t0:.1f} s)")
+    return 0
+
+
 def add_parsers(sub) -> None:
+    p = sub.add_parser("check", help="verify an engine dir after copying it: manifest schema and every file's sha256")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(handler=cmd_check)
+
     p = sub.add_parser("doctor", help="usable backends here, and whether an engine dir fits this machine / Jetsons")
     p.add_argument("engine_dir", type=Path, nargs="?")
     p.set_defaults(handler=cmd_doctor)

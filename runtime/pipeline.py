@@ -19,7 +19,7 @@ import numpy as np
 from ppllava.errors import EngineError, InputError
 from ppllava.plan import WindowPlan, plan_for_budget
 from ppllava.runtime.backends import BACKENDS, Backend, BackendOptions, get_backend
-from ppllava.runtime.cache import FeatureCache, file_digest
+from ppllava.runtime.cache import DigestMemo, FeatureCache, FeatureSpec, file_digest
 from ppllava.runtime.generation import Prompt, check_cancel
 from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.sampling import Sampling, TokenSampler
@@ -116,8 +116,8 @@ class Pipeline:
         self.eos_token_ids = set(llm.get("eos_token_ids", []))
         self.context = int(manifest.dims["llm_context"])
         self.cache = FeatureCache()
+        self.digests = DigestMemo()  # content hashes of video files, by (device, inode, size, mtime)
         self._tokenizers = None
-        self._digests: dict[tuple, str] = {}
         vision = manifest.stage("vision")
         self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
         if backend.cache_key:
@@ -138,16 +138,18 @@ class Pipeline:
     @classmethod
     def open(cls, engine_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
              threads: int | None = None, cache_dir=None, cache_bytes: int = 512 * 2**20,
-             precision: str | None = None) -> "Pipeline":
+             precision: str | None = None, cache_disk_bytes: int = 4 * 2**30) -> "Pipeline":
         """``backend``: a name in ``BACKENDS``; ``providers``: onnxruntime execution providers in
         order ("cuda,cpu" or ("cuda", "cpu")); ``threads``: intra-op threads per stage (None: the
         library's default); ``precision``: the recorded variant to run ("int8", "int4", "fp16", ...);
-        ``cache_dir`` / ``cache_bytes``: the vision-feature cache (memory, plus disk if a dir is given)."""
+        ``cache_dir`` / ``cache_bytes`` / ``cache_disk_bytes``: the vision-feature cache (memory, plus
+        disk if a dir is given; a damaged, foreign or unwritable cache only costs a recomputation)."""
         backend_class = get_backend(backend)  # the registry refuses an unknown name, before any file is read
         options = BackendOptions(providers, threads, precision)  # checked before any file is read
         manifest = Manifest.load(engine_dir)
         pipe = cls(manifest, backend_class(manifest, options))
-        pipe.cache = FeatureCache(cache_bytes, cache_dir)
+        pipe.cache = FeatureCache(cache_bytes, cache_dir, cache_disk_bytes)
+        pipe.digests = DigestMemo(cache_dir)
         return pipe
 
     def close(self) -> None:
@@ -301,7 +303,11 @@ class Pipeline:
         else:
             content = self._digest(check_path(video), timings)
         key = FeatureCache.key(content, self.engine_id, frames=frames, start=start, end=end)
-        hit = self.cache.get(key)
+        dims = self.manifest.dims
+        # features from another engine, of another shape or not finite are discarded and recomputed
+        expect = FeatureSpec((int(dims["num_patches"]), int(dims["vision_hidden"])), (np.float16, np.float32),
+                             self.max_frames)
+        hit = self.cache.get(key, engine=self.engine_id, expect=expect)
         if hit is not None:
             features, media = hit
             return features, media, features.shape[0], True
@@ -319,19 +325,16 @@ class Pipeline:
         features = self._vision(pixels)
         self.backend.sync()
         timings.add("vision", time.perf_counter() - t0)
-        self.cache.put(key, features, media_type)
+        self.cache.put(key, features, media_type, engine=self.engine_id)
         return features, media_type, features.shape[0], False
 
     def _digest(self, path, timings: Timings) -> str:
-        """Content hash of a video file, remembered while the file is unchanged (same size, mtime, inode)."""
-        stat = path.stat()
-        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        digest = self._digests.get(identity)
+        """Content hash of a video file, remembered (on disk with a cache dir) while the file is unchanged."""
+        digest = self.digests.lookup(path)
         if digest is None:
             t0 = time.perf_counter()
-            digest = file_digest(path)
+            digest = file_digest(path, memo=self.digests)
             timings.add("hash", time.perf_counter() - t0)
-            self._digests[identity] = digest
         return digest
 
     def ask(self, video, question: str, history: list[tuple[str, str]] | None = None, frames: int | None = None,

@@ -7,6 +7,15 @@ import socket
 import pytest
 
 
+def pytest_configure(config):
+    """Per-user state (the CLI's persistent feature cache, the verified-files memo) goes to a fresh
+    directory per test session, never the user's ~/.cache; subprocesses inherit it."""
+    import os
+    import tempfile
+
+    os.environ["PPLLAVA_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppllava-test-cache-")
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Any attempt to open a network connection fails the test: tests never download anything."""

@@ -24,7 +24,7 @@ from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.errors import BackendError, EngineError
 from ppllava.runtime.backends import BACKENDS, REGISTRY, get_backend
 from ppllava.runtime.bench import BackendResult, BenchOptions, Run, bench_pipeline
-from ppllava.runtime.manifest import Manifest, add_variants, variant_record
+from ppllava.runtime.manifest import Manifest, add_variants, file_records, variant_record
 from ppllava.runtime.pipeline import Pipeline
 
 IDENTITY = {"tensorrt": "10.3.0", "gpu": "Stub GPU", "compute_capability": "8.7"}
@@ -324,8 +324,11 @@ def test_format_1_engine_dirs_are_read_and_upgraded(engine, stubs, tmp_path):
         del plan["backend"]  # format-1 records written before variant_record had no backend field
         data["stages"][stage]["variants"] = {"tensorrt-fp16": plan}
     built = data["stages"].pop("llm")["variants"]["tensorrt-llm:fp16"]
-    data["llm"]["tensorrt_llm_engine"] = {"dir": built["dir"], "scheme": "int8_wo", **IDENTITY}
-    data["llm"]["quantized"] = {"int8_wo": {"dir": "trtllm/int8_wo", "format": "tensorrt-llm checkpoint", "files": {}}}
+    data["llm"]["tensorrt_llm_engine"] = {"dir": built["dir"], "scheme": "int8_wo", **IDENTITY, "files": built["files"]}
+    (old / "trtllm" / "int8_wo").mkdir(parents=True)
+    (old / "trtllm" / "int8_wo" / "config.json").write_text("{}")
+    data["llm"]["quantized"] = {"int8_wo": {"dir": "trtllm/int8_wo", "format": "tensorrt-llm checkpoint",
+                                            "files": file_records(old, [old / "trtllm" / "int8_wo" / "config.json"])}}
     data["format_version"] = 1
     (old / "manifest.json").write_text(json.dumps(data))
 
@@ -339,12 +342,19 @@ def test_format_1_engine_dirs_are_read_and_upgraded(engine, stubs, tmp_path):
     assert pipe.backend.engine_dir == old / built["dir"]
     assert len(pipe.ask(np.zeros((4, 48, 64, 3), np.uint8), "what?", max_new_tokens=3).token_ids) >= 1
 
+    # format 1 wrote the TensorRT-LLM engine without checksums: not used (rebuild), the rest still opens
+    data["llm"]["tensorrt_llm_engine"].pop("files")
+    (old / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="build-engines"):
+        Pipeline.open(old, backend="tensorrt-llm")
+    assert Pipeline.open(old, backend="tensorrt").backend.artifact("vision")["file"] == "vision.fp16.plan"
+
     (old / "extra.onnx").write_bytes(b"x")
     add_variants(old, [("pool", variant_record(old, old / "extra.onnx", "onnxruntime", "int8"))])
     written = json.loads((old / "manifest.json").read_text())
     assert written["format_version"] == 2 and "tensorrt_llm_engine" not in written["llm"]
     assert set(written["stages"]["pool"]["variants"]) == {"tensorrt:fp16", "onnxruntime:int8"}
-    assert set(written["stages"]["llm"]["variants"]) == {"tensorrt-llm:int8_wo", "tensorrt-llm:int8_wo:checkpoint"}
+    assert set(written["stages"]["llm"]["variants"]) == {"tensorrt-llm:int8_wo:checkpoint"}
 
 
 def test_artifact_paths_stay_inside_the_engine_dir(engine, tmp_path):
