@@ -41,6 +41,14 @@ def _verdict(report: dict) -> str:
     return "BELOW (recorded anyway: --no-threshold)" if report["below_threshold"] else "passed"
 
 
+def _quantize_requires(args) -> list[tuple[str, str]]:
+    if args.llm and args.llm.startswith("ort_"):
+        return [("torch", "ppllava[export]"), ("onnxruntime_genai", "ppllava[export]")]
+    if args.llm:
+        return [("torch", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
+    return [("onnx", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
+
+
 def cmd_quantize(args) -> int:
     from ppllava.calibration.quantize import quantize_stages
 
@@ -91,4 +99,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", default="int8", help="int8 or fp8")
     p.add_argument("--no-threshold", action="store_true",
                    help="record the stages even below the accuracy threshold (for latency measurements; marked in the manifest)")
-    p.set_defaults(handler=cmd_quantize)
+    p.set_defaults(handler=cmd_quantize, requires=_quantize_requires)

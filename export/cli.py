@@ -138,11 +138,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--torch-device", default="auto", help="device the .pt2 stages are compiled for: auto, cpu, cuda")
     p.add_argument("--torch-dtype", default="auto",
                    help="dtype of the torch stages and LLM: auto (bf16 on a GPU, fp32 on CPU), fp32, fp16, bf16")
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(handler=cmd_export, requires=lambda a: [("torch", "ppllava[export]"), ("onnx", "ppllava[export]"),
+                                                           ("transformers", "ppllava[export]")])
 
     p = sub.add_parser("verify", help="rerun the export's parity checks on an existing engine dir")
     p.add_argument("engine_dir", type=Path)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--alignment-config", type=Path)
     p.add_argument("--any-checkpoint", action="store_true", help="skip the source fingerprint check")
-    p.set_defaults(handler=cmd_verify)
+    p.set_defaults(handler=cmd_verify, requires=lambda a: [("torch", "ppllava[export]"), ("onnx", "ppllava[export]")])

