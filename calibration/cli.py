@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ppllava.errors import InputError
+from ppllava.errors import InputError, require_writable
 
 
 def _say(line: str) -> None:
@@ -52,6 +52,7 @@ def _quantize_requires(args) -> list[tuple[str, str]]:
 def cmd_quantize(args) -> int:
     from ppllava.calibration.quantize import quantize_stages
 
+    require_writable(args.engine_dir, f"quantize records its variants in {args.engine_dir}")
     if bool(args.stages) == bool(args.llm):
         raise InputError("give --stages vision,text,pool (ONNX Q/DQ) or --llm SCHEME (TensorRT-LLM checkpoint)")
     if args.llm:

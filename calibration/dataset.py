@@ -44,8 +44,13 @@ def list_videos(source: Path) -> list[Path]:
     """A directory (its video files, sorted) or a text file with one path per line."""
     if source.is_dir():
         return sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES)
+    if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
+        return [source]  # one video, not a list of them
     if source.is_file():
-        lines = [line.strip() for line in source.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in source.read_text().splitlines()]
+        except UnicodeDecodeError:
+            raise InputError(f"--videos {source} is neither a video (by its suffix) nor a text list of paths") from None
         return [Path(line) for line in lines if line and not line.startswith("#")]
     raise InputError(f"--videos {source} is neither a directory nor a list file")
 

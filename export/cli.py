@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ppllava.errors import PPLLaVAError
+from ppllava.errors import PPLLaVAError, require_writable
 
 
 def _say(line: str) -> None:
@@ -24,6 +24,7 @@ def cmd_export(args) -> int:
 
     if not args.torch and (args.torch_device != "auto" or args.torch_dtype != "auto"):
         raise PPLLaVAError("--torch-device / --torch-dtype only apply with --torch")
+    require_writable(args.out.parent, f"--out {args.out}")  # the engine is built beside --out
     options = ExportOptions(
         checkpoint=args.checkpoint, out=args.out, dtype=args.dtype, max_frames=args.max_frames, llm=args.llm,
         force=args.force, alignment_config=args.alignment_config, alignment_dir=args.alignment_dir,
@@ -50,6 +51,7 @@ def cmd_verify(args) -> int:
     from ppllava.runtime.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir)
+    require_writable(args.engine_dir, f"verify writes {args.engine_dir / 'verify.json'}")
     if fingerprint(args.checkpoint) != manifest.data["source"]["fingerprint"] and not args.any_checkpoint:
         raise PPLLaVAError(
             f"{args.checkpoint} is not the checkpoint {args.engine_dir} was exported from "

@@ -62,7 +62,8 @@ def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> Path:
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     base = list(_bytes_to_unicode().values())
     vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
-    with tempfile.TemporaryDirectory() as tmp:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:  # beside, not /tmp
         tmp = Path(tmp)
         (tmp / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
@@ -70,7 +71,6 @@ def build_clip_tokenizer(bpe_path: Path, out_dir: Path) -> Path:
             vocab_file=str(tmp / "vocab.json"), merges_file=str(tmp / "merges.txt"),
             bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, unk_token=CLIP_EOS,
         )
-        out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     return out_dir / "tokenizer.json"
 
@@ -93,9 +93,11 @@ def save_hf_tokenizer(source: Path, out_dir: Path) -> TokenizerResult:
         if getattr(tokenizer, k, None) is not None
     }
     template = getattr(tokenizer, "chat_template", None)
-    config = {"source": str(source), "chat_template": template, **special}
+    # the source's name only: an engine dir travels to other machines, the build machine's paths do not
+    label = f"{Path(source).name} (Hugging Face tokenizer)"
+    config = {"source": label, "chat_template": template, **special}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return TokenizerResult(out_dir, str(source), template, special)
+    return TokenizerResult(out_dir, label, template, special)
 
 
 def llm_tokenizer(checkpoint: Path, out_dir: Path) -> TokenizerResult:

@@ -17,6 +17,19 @@ class InputError(PPLLaVAError):
     """Tensors handed to the model have the wrong shape, dtype or content."""
 
 
+def require_writable(directory, what: str) -> None:
+    """Refuse, before any work, a destination whose directory cannot be written."""
+    import os
+    from pathlib import Path
+
+    directory = Path(directory)
+    probe = directory if directory.exists() else directory.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: {probe} is not writable; choose another place or fix its permissions")
+
+
 # The runtime's and the tools' errors live here too, so that every package (the torch-free runtime
 # included) raises from one place and the CLI catches one base class.
 class EngineError(PPLLaVAError):

@@ -67,6 +67,11 @@ def timing_line(answer) -> str:
 def cmd_ask(args) -> int:
     if args.reference and args.temperature > 0:
         raise InputError("--reference compares greedy answers; drop --temperature (or set it to 0)")
+    from ppllava.runtime.prompt import check_question
+    from ppllava.runtime.video import check_path
+
+    check_question(args.question)  # checks that need no engine come before loading it (seconds, hundreds of MB)
+    check_path(args.video)
     pipe, sampling = _open(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     answer = pipe.ask(args.video, args.question, frames=args.frames, start=args.start, end=args.end,

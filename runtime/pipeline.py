@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ from ppllava.runtime.backends import BACKENDS, Backend, BackendOptions, get_back
 from ppllava.runtime.cache import DigestMemo, FeatureCache, FeatureSpec, file_digest
 from ppllava.runtime.generation import Prompt, check_cancel
 from ppllava.runtime.manifest import Manifest
+from ppllava.runtime.video import IMAGE_SUFFIXES
 from ppllava.runtime.sampling import Sampling, TokenSampler
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,14 @@ class Answer:
             "timings_ms": {k: round(v, 2) for k, v in self.timings.ms.items()},
             "decode_tokens_per_s": round(steps / (decode_ms / 1e3), 2) if decode_ms and steps else None,
         }
+
+
+def _pools(plan: WindowPlan, shape) -> bool:
+    try:
+        plan.output_grid(shape)
+        return True
+    except ValueError:
+        return False
 
 
 class _AnySet:
@@ -330,6 +340,18 @@ class Pipeline:
         self.cache.put(key, features, media_type, engine=self.engine_id)
         return features, media_type, features.shape[0], False
 
+    def _check_frames(self, frames: int, what: str) -> None:
+        """Refuse (before decoding, where possible) a frame count the default pooling plan cannot pool."""
+        grid = self.manifest.grid
+        plan = self.manifest.plan("video")
+        try:
+            plan.output_grid((frames, *grid))
+        except ValueError:
+            fits = [t for t in range(1, self.max_frames + 1) if _pools(plan, (t, *grid))]
+            need = f"at least {fits[0]}" if fits else "more"
+            raise InputError(f"{what} {frames} frame(s); this engine's pooling plan needs {need} "
+                             "(or pass --tokens to pool fewer frames)") from None
+
     def _digest(self, path, timings: Timings) -> str:
         """Content hash of a video file, remembered (on disk with a cache dir) while the file is unchanged."""
         digest = self.digests.lookup(path)
@@ -352,22 +374,27 @@ class Pipeline:
         self.tokenizers.require()
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if tokens is not None and tokens < 1:
+            raise InputError(f"--tokens must be >= 1, got {tokens}")
+        if tokens is None and isinstance(video, (str, Path)) and Path(video).suffix.lower() not in IMAGE_SUFFIXES:
+            self._check_frames(frames or int(self.manifest.data["preprocessing"]["default_frames"]), "--frames asks for")
         timings = Timings()
         check_cancel(cancel)
         features, media, count, cached = self.video_features(video, frames, start, end, max_side, timings)
         check_cancel(cancel)
         plan = self.manifest.plan(media)
         if tokens is not None:
-            if media == "image":
-                tokens -= 1  # the image's newline token counts against the budget
-            try:
-                plan = plan_for_budget(tokens, (count, *self.manifest.grid))
-            except ValueError as exc:
-                raise InputError(f"--tokens: {exc}") from None
-        try:
-            visual = int(np.prod(plan.output_grid((count, *self.manifest.grid)))) + (media == "image")
-        except ValueError as exc:
-            raise InputError(f"cannot pool {count} frame(s): {exc}") from None
+            if media == "image" and tokens < 2:
+                raise InputError(f"--tokens must be >= 2 for an image (one visual token plus its newline token), got {tokens}")
+            budget = tokens - (media == "image")  # the image's newline token counts against the budget
+            plan = plan_for_budget(budget, (count, *self.manifest.grid))
+            most = count * self.manifest.grid[0] * self.manifest.grid[1]
+            if budget > most:
+                log.warning("--tokens %d: %d frame(s) give at most %d visual tokens; using %d", tokens, count,
+                            most + (media == "image"), most + (media == "image"))
+        if media == "video" and tokens is None:
+            self._check_frames(count, "the clip gave")
+        visual = int(np.prod(plan.output_grid((count, *self.manifest.grid)))) + (media == "image")
         input_ids = self.tokenizers.prompt_ids([*(history or []), (question, None)])
         length = input_ids.shape[1] - 1 + visual
         if length >= self.context:

@@ -111,3 +111,43 @@ def test_broken_pipe_is_quiet(engine, video):
 def test_help_is_for_users():
     r = subprocess.run([sys.executable, "-m", "ppllava.cli", "--help"], capture_output=True, text=True)
     assert "Export PPLLaVA video-LLM checkpoints" in r.stdout and "Parses arguments" not in r.stdout
+
+
+def _ask(*argv):
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", *map(str, argv)], capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stderr.strip().splitlines()
+
+
+def test_smaller_cli_points(engine, video, tmp_path):
+    import json
+
+    from ppllava.calibration.dataset import list_videos
+    from ppllava.errors import InputError
+
+    # calibrate --videos one.mp4 is one video; a binary non-video is one clear line
+    assert list_videos(video) == [video]
+    blob = tmp_path / "list.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="neither a video .* nor a text list"):
+        list_videos(blob)
+    # input checks that need no engine come before loading it
+    code, err = _ask("ask", tmp_path / "no-engine", video, "<image>?")
+    assert code == 2 and len(err) == 1 and "<image>" in err[0]
+    # --frames below what the pooling plan needs: said in the user's terms, before decoding
+    code, err = _ask("ask", engine, video, "What?", "--frames", "1", "--no-cache")
+    assert code == 2 and len(err) == 1 and "--frames asks for 1 frame(s); this engine's pooling plan needs at least 2" in err[0]
+    image = tmp_path / "still.png"
+    cv2.imwrite(str(image), np.full((48, 64, 3), 90, np.uint8))
+    code, err = _ask("ask", engine, image, "What?", "--tokens", "1", "--no-cache")
+    assert code == 2 and "--tokens must be >= 2 for an image" in err[0]
+    # a budget above what the frames give is lowered with a word, not silently
+    code, err = _ask("ask", engine, video, "What?", "--frames", "2", "--tokens", "100", "--max-new-tokens", "2", "--no-cache")
+    assert code == 0 and any("give at most" in line for line in err)
+    # the manifest records no build-machine paths for the tokenizers
+    data = json.loads((engine / "manifest.json").read_text())
+    assert "/" not in data["alignment"]["tokenizer_source"] and "/" not in (data["llm"]["tokenizer_source"] or "")
+    # a destination that cannot be written is refused before any work
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, err = _ask("export", tmp_path / "missing-ckpt", "--out", blocker / "engine")
+    assert code == 2 and len(err) == 1 and "not writable" in err[0]
