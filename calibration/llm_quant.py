@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,9 @@ import torch
 from ppllava.calibration.dataset import load_shards
 from ppllava.errors import InputError, QuantizationError
 from ppllava.calibration.quantize import QUANT_JSON
+from ppllava.checkpoint import safetensors_header
 from ppllava.runtime.manifest import Manifest, add_variants, variant_record
+from ppllava.runtime.scratch import require_free, scratch_dir, sweep
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.thresholds import QUANT_LLM_TOP1
 
@@ -33,6 +35,19 @@ SCHEMES = ("int8_sq", "int8_wo", "fp8", "int4_awq")
 TOP1_THRESHOLDS = QUANT_LLM_TOP1  # the one thresholds table (ppllava/thresholds.py)
 GREEDY_TOKENS = 16
 DECODER_TYPES = {"llama": "llama", "qwen2": "qwen"}
+# Free space, in bytes per LLM weight, of what a quantized LLM writes: a TensorRT-LLM checkpoint
+# holds its weights in fp16 at most (quantized ones in 1 or 0.5 bytes); an onnxruntime-genai
+# int4/int8 LLM keeps lm_head and the norms in fp32 beside its 1- or 0.5-byte weights (by that
+# count 1.6 bytes a weight for a 135M model with a 49k vocabulary, less for larger ones). The
+# builder also copies llm_hf/ whole into its scratch.
+CHECKPOINT_BYTES_PER_WEIGHT = ORT_BYTES_PER_WEIGHT = 2
+
+
+def _hf_weights(hf_dir: Path) -> tuple[int, int]:
+    """(bytes, elements) of the weights in llm_hf/, from their safetensors headers."""
+    files = sorted(hf_dir.glob("*.safetensors"))
+    elements = sum(math.prod(shape) for f in files for shape, _ in safetensors_header(f).values())
+    return sum(f.stat().st_size for f in files), elements
 
 
 def _config(scheme: str, hidden: int, intermediate: int):
@@ -106,6 +121,10 @@ def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.in
     from transformers import AutoModelForCausalLM
 
     manifest = Manifest.load(engine_dir)
+    sweep(engine_dir, progress)
+    hf_dir = engine_dir / manifest.data["llm"]["hf_dir"]
+    require_free(engine_dir, CHECKPOINT_BYTES_PER_WEIGHT * _hf_weights(hf_dir)[1],
+                 f"the {scheme} TensorRT-LLM checkpoint")
     pipe = Pipeline.open(engine_dir)
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != pipe.engine_id:
@@ -113,7 +132,6 @@ def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.in
     prompts = _prompts(pipe, shards)
     held = max(1, len(prompts) // 5)
     calibrate, held_out = (prompts[:-held], prompts[-held:]) if len(prompts) > 1 else (prompts, prompts)
-    hf_dir = engine_dir / manifest.data["llm"]["hf_dir"]
     fp = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()
     cfg, extra = _config(scheme, fp.config.hidden_size, fp.config.intermediate_size)
     quant = copy.deepcopy(fp)
@@ -139,8 +157,8 @@ def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.in
     if model_type not in DECODER_TYPES:
         raise QuantizationError(f"no TensorRT-LLM decoder type for {model_type!r}")
     target = engine_dir / "trtllm" / f"{scheme}.{os.urandom(3).hex()}"  # new name: the old stays valid until recorded
-    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.llmq-") as scratch:
-        out = Path(scratch) / scheme
+    with scratch_dir(engine_dir, "llmq") as scratch:
+        out = scratch / scheme
         with torch.inference_mode():
             export_tensorrt_llm_checkpoint(quant, decoder_type=DECODER_TYPES[model_type], dtype=torch.float16,
                                            export_dir=str(out), inference_tensor_parallel=1)
@@ -186,6 +204,9 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     manifest = Manifest.load(engine_dir)
     if not manifest.exported("llm"):
         raise InputError(f"{engine_dir} has no ONNX LLM (exported with --llm none)")
+    sweep(engine_dir, progress)
+    hf_bytes, hf_elements = _hf_weights(engine_dir / manifest.data["llm"]["hf_dir"])
+    require_free(engine_dir, hf_bytes + ORT_BYTES_PER_WEIGHT * hf_elements, f"the {precision} ONNX LLM")
     pipe = Pipeline.open(engine_dir)
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != pipe.engine_id:
@@ -195,8 +216,8 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     held_out = prompts[-max(1, len(prompts) // 5):]
     target = engine_dir / f"llm_{precision}.{os.urandom(3).hex()}"
     progress(f"building the {precision} ONNX LLM with onnxruntime-genai's builder")
-    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.llmq-") as scratch:
-        out = Path(scratch) / target.name
+    with scratch_dir(engine_dir, "llmq") as scratch:  # the builder's copy of llm_hf goes in here too
+        out = scratch / target.name
         build_onnx_llm(engine_dir / manifest.data["llm"]["hf_dir"], out, torch.float32, precision=precision)
         table = pipe.embed_tokens
         fp, quant = OrtDecoder(manifest.stage_path("llm"), embed_tokens=table), OrtDecoder(out, embed_tokens=table)

@@ -1,8 +1,9 @@
 """``ppllava export``: checkpoint -> verified, self-describing engine directory.
 
-The directory is built in a temporary sibling and renamed into place only after verification
-passes, so an interrupted or failed export leaves nothing that looks like an engine dir, and an
-existing directory is replaced only with ``force``.
+The directory is built in a scratch sibling (``runtime/scratch.py``: named for its owner, swept by
+the next run if the owner died) and renamed into place only after verification passes, so an
+interrupted or failed export leaves nothing that looks like an engine dir, and an existing
+directory is replaced only with ``force``. Free space is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ppllava import __version__
-from ppllava.checkpoint import fingerprint
+from ppllava.checkpoint import fingerprint, safetensors_header, weight_files
 from ppllava.errors import PPLLaVAError, VerificationError
 from ppllava.export import llm as llm_export
 from ppllava.export import tokenizers
@@ -29,6 +31,7 @@ from ppllava.export.templates import choose_template
 from ppllava.model import DTYPES as ALL_DTYPES
 from ppllava.model import PPLLaVA
 from ppllava.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, add_variants, file_records, variant_record
+from ppllava.runtime.scratch import new_scratch, require_free, scratch_path, sweep
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,9 @@ def _preprocessing(checkpoint: Path, model: PPLLaVA, default_frames: int) -> dic
 
 def export_engine(options: ExportOptions, report: Callable[[str], None] = log.info) -> dict:
     """Export, verify, and atomically publish the engine dir. Returns the manifest."""
+    sweep(options.out, report)  # first: it may restore an --out that a killed swap had moved aside
     options.validate()
+    require_free(options.out, space_needed(options), "the export")
     steps = StepLog(report)
     model = steps.run("load reference checkpoint", PPLLaVA.from_pretrained, options.checkpoint,
                       alignment_config=options.alignment_config)
@@ -166,9 +171,7 @@ def export_engine(options: ExportOptions, report: Callable[[str], None] = log.in
     export_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
     out = options.out
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = new_scratch(out, "partial")
     try:
         manifest = _build(options, steps, model, export_model, work, max_frames, default_frames, dtype)
         if options.verify:
@@ -191,6 +194,43 @@ def export_engine(options: ExportOptions, report: Callable[[str], None] = log.in
         raise
     manifest["_summary"] = steps.rows
     return manifest
+
+
+# What an export has on disk at its peak (the end of the LLM build, when all of it exists at once),
+# per weight element of the checkpoint (counted from the safetensors headers):
+#   every weight once in the export dtype: the vision/text/pool ONNX, the LLM ONNX (the builder
+#     leaves out the embedding table and keeps lm_head) and embeddings.safetensors (the table);
+#   the LLM again in llm_hf/ (the checkpoint's own precision) and in the builder's scratch copy;
+#   with --torch, the vision/text/pool weights once more in the torch dtype;
+# plus 10% and 64 MiB for tokenizers, manifests and ONNX's per-tensor overhead. A 7B bf16
+# checkpoint (14.5 GB of weights) exported in fp32 needs about 62 GB (4.3x its weight bytes),
+# in fp16 46 GB (3.2x), with --llm none 18 GB (1.2x).
+SPACE_MARGIN, SPACE_SLACK = 1.1, 64 * 2**20
+
+
+def space_needed(options: ExportOptions) -> int:
+    """Bytes the export needs free beside --out, from the checkpoint's weight headers (no weights read)."""
+    llm = rest = table = 0  # elements
+    for path in weight_files(options.checkpoint):
+        if path.suffix != ".safetensors":  # no header to read without torch: count it as both halves, 2 bytes each
+            llm += path.stat().st_size // 2
+            rest += path.stat().st_size // 2
+            continue
+        for name, (shape, _) in safetensors_header(path).items():
+            n = math.prod(shape)
+            if name.startswith("language_model."):
+                llm += n
+                table += n if name.endswith("embed_tokens.weight") else 0
+            else:
+                rest += n
+    e = DTYPES[options.dtype].itemsize
+    hf = _source_dtype(options.checkpoint, DTYPES[options.dtype]).itemsize
+    need = e * (rest + table) + hf * llm
+    if options.llm == "onnx":
+        need += e * llm + hf * llm
+    if options.torch:
+        need += ALL_DTYPES[options.torch_dtype].itemsize * rest
+    return int(need * SPACE_MARGIN) + SPACE_SLACK
 
 
 def _build(options, steps, model, export_model, work, max_frames, default_frames, dtype) -> dict:
@@ -322,7 +362,7 @@ def _publish(work: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise PPLLaVAError(f"{out} appeared during the export; not replacing it without --force")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = scratch_path(out, "old")
         out.rename(old)
     work.rename(out)
     if old is not None:

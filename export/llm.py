@@ -108,7 +108,10 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: s
     ``precision`` ("int4", "int8") overrides the dtype's for weight-quantized CPU builds."""
     create_model, parse_extra_options = _import_builder()
     precision = precision or BUILDER_PRECISION[dtype]
-    with tempfile.TemporaryDirectory() as scratch:
+    # The builder's copy of hf_dir goes beside out_dir (inside the caller's owner-named scratch),
+    # never the system temp dir: same disk as the result, and swept if this run is killed.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.builder-") as scratch:
         scratch = Path(scratch)
         source = scratch / "hf"
         shutil.copytree(hf_dir, source)

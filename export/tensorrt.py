@@ -221,17 +221,24 @@ def trtllm_build_command(engine_dir: Path, scheme: str | None, output_dir: Path,
 
 
 def run_trtllm_build(engine_dir: Path, scheme: str, command: list[str], report=log.info) -> Path:
-    """Run trtllm-build into a scratch dir, then move the engine in and record it in the manifest."""
+    """Run trtllm-build into a scratch dir beside the engine dir (stale ones of killed runs swept
+    first), then move the engine in and record it in the manifest."""
     import subprocess
-    import tempfile
 
-    with tempfile.TemporaryDirectory(dir=engine_dir.parent, prefix=f".{engine_dir.name}.trtllm-") as scratch:
-        out = Path(scratch) / "engine"
+    from ppllava.runtime.scratch import require_free, scratch_dir, sweep, tree_bytes
+
+    sweep(engine_dir, report)
+    checkpoint = Path(command[command.index("--checkpoint_dir") + 1]) if "--checkpoint_dir" in command else None
+    if checkpoint is not None and checkpoint.is_dir():  # the engine holds the checkpoint's weights, about as big
+        require_free(engine_dir, int(1.1 * tree_bytes(checkpoint)), "trtllm-build")
+    with scratch_dir(engine_dir, "trtllm") as scratch:
+        out = scratch / "engine"
+        (scratch / "tmp").mkdir()
         args = list(command)
         args[args.index("--output_dir") + 1] = str(out)
         report("$ " + format_command(args))
-        try:
-            result = subprocess.run(args)
+        try:  # its temporary files beside the engine too, never the system temp dir
+            result = subprocess.run(args, env={**os.environ, "TMPDIR": str(scratch / "tmp")})
         except FileNotFoundError:
             raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM on this GPU machine") from None
         if result.returncode != 0:

@@ -314,7 +314,8 @@ class Pipeline:
             content = hashlib.blake2b(video.tobytes(), digest_size=20).hexdigest()
         else:
             content = self._digest(check_path(video), timings)
-        key = FeatureCache.key(content, self.engine_id, frames=frames, start=start, end=end)
+        # "sampling": how frames are chosen (by timestamps since VFR support), so older entries never match
+        key = FeatureCache.key(content, self.engine_id, frames=frames, start=start, end=end, sampling="timestamps")
         dims = self.manifest.dims
         # features from another engine, of another shape or not finite are discarded and recomputed
         expect = FeatureSpec((int(dims["num_patches"]), int(dims["vision_hidden"])), (np.float16, np.float32),

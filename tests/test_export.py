@@ -163,7 +163,7 @@ def test_cli_bad_inputs_are_one_line(tmp_path, tiny_dirs):
     broken = make_tiny(tmp_path / "broken", "qwen")
     (broken / "model.safetensors").write_bytes(b"\x00" * 12)
     cases = [
-        (["export", tmp_path / "missing", "--out", tmp_path / "e"], "no config.json"),
+        (["export", tmp_path / "missing", "--out", tmp_path / "e"], "is not a directory"),
         (["export", broken, "--out", tmp_path / "e"], "safetensors"),
         (["export", tiny_dirs["qwen"], "--out", "/proc/engine"], "/proc"),
         (["export", tiny_dirs["qwen"], "--out", "/proc/nope/engine"], "does not exist"),
