@@ -9,7 +9,7 @@ import time
 import torch
 
 from ppllava.model import PPLLaVA
-from ppllava.runtime.bench import QUESTIONS, BackendResult, BenchOptions, Run, peak_host_mib, synthetic_frames
+from ppllava.runtime.bench import QUESTIONS, BackendResult, BenchOptions, HostMemory, Run, progress, synthetic_frames
 from ppllava.runtime.preprocess import normalise
 from ppllava.runtime.video import load_clip, resize_frames
 
@@ -18,6 +18,7 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.device = device
         self.ms: dict[str, float] = {}
+        self.inputs: dict = {}  # what the LLM was given (frames, visual and prompt tokens)
 
     def __call__(self, stage: str, fn, *args, **kwargs):
         if self.device.type == "cuda":
@@ -47,7 +48,9 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
     visual = clock("pool", model.pool, features, text, plan)
     if media == "image":
         visual = torch.cat([visual, model.image_newline[None]], dim=0)
-    embeds = model.embed_prompt(input_ids, visual[None])
+    embeds = model.embed_prompt(input_ids, visual[None])  # (1, L - 1 + K, D)
+    clock.inputs = {"frames": int(features.shape[0]), "media_type": media, "visual_tokens": int(visual.shape[0]),
+                    "prompt_tokens": int(embeds.shape[1])}
     # The reference's own loop (ppllava.generation); the first token's arrival (a host int, so the
     # device has finished) ends the prefill, the rest is decode, as the runtime's loop records them.
     from ppllava.generation import SamplingOptions, generate_from_embeds
@@ -64,8 +67,11 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
     return result.tokens
 
 
-def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print) -> BackendResult:
-    """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups."""
+def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print,
+                memory: HostMemory | None = None) -> BackendResult:
+    """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups.
+    ``memory``: the host-memory window (default: from now, before the model is loaded)."""
+    memory = memory or HostMemory()
     device = torch.device(device)
     already = 0
     if device.type == "cuda":
@@ -74,6 +80,7 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
         already = torch.cuda.memory_allocated(device)
     # on a GPU, the dtype of the backend compared against (bf16 for a torch-backend engine), else fp16
     gpu_dtype = torch.bfloat16 if pipe.backend.compute_dtype == "bf16" else torch.float16
+    precision = "fp32" if device.type == "cpu" else "bf16" if gpu_dtype == torch.bfloat16 else "fp16"
     model = PPLLaVA.from_pretrained(checkpoint, dtype=torch.float32 if device.type == "cpu" else gpu_dtype,
                                     device=device)
     spec = pipe.manifest.data["preprocessing"]
@@ -98,16 +105,22 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
         if r == 0:
             result.cold = first
             result.first_tokens = tokens
+            result.inputs = {**clock.inputs, "prompt_tokens": [clock.inputs["prompt_tokens"]]}
         elif r > options.warmup:
             result.first.append(first)
         for question in questions[1:]:
             clock = _Clock(device)
             t0 = time.perf_counter()
             tokens = _answer(model, clock, features, question, pipe, options, media)
+            if r == 0:
+                result.inputs["prompt_tokens"].append(clock.inputs["prompt_tokens"])
             if r > options.warmup:
                 result.follow_up.append(Run(dict(clock.ms), (time.perf_counter() - t0) * 1e3, len(tokens)))
-        log_line(f"torch-eager repeat {r + 1}/{1 + options.warmup + options.repeat} done")
-    result.peak_host_mib = peak_host_mib()
+        log_line(progress(result.name, r, options))
+    result.finish(memory)
+    result.runtime = {"backend": "torch-eager", "precision": precision, "providers": None,
+                      "stage_precisions": {s: precision for s in ("vision", "text", "pool", "llm")},
+                      "threads": torch.get_num_threads(), "engine_fingerprint": None}
     result.device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         result.peak_device_mib = (torch.cuda.max_memory_allocated(device) - already) / 2**20

@@ -259,6 +259,11 @@ def cmd_bench(args) -> int:
     if args.video is None and args.synthetic_frames is None:
         options.synthetic_frames = 8 if args.random_weights == "small" else 32
     options.validate()
+    if args.plot:
+        bench.require_plotting()  # (a broken install passes `requires`) refused before anything is measured
+    for path in (args.json, args.plot):
+        if path is not None and not path.parent.is_dir():
+            raise InputError(f"{path}: the folder {path.parent} does not exist")
     backend = get_backend(args.backend)
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
@@ -268,18 +273,22 @@ def cmd_bench(args) -> int:
         backend(Manifest.load(engine_dir), BackendOptions(precision=args.compare))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     providers = args.providers  # BackendOptions splits "cuda,cpu"
+    memory = bench.HostMemory()  # each backend's window opens before it is: its weights count
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
-    results = [bench.bench_pipeline(pipe, options, say, name=args.backend)]
+    results = [bench.bench_pipeline(pipe, options, say, name=args.backend, memory=memory)]
     if args.compare in ("int8", "fp8", "int4"):
+        memory = bench.HostMemory()
         quantized = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
                                   precision=args.compare)
-        results.append(bench.bench_pipeline(quantized, options, say, name=f"{args.backend}-{args.compare}"))
+        results.append(bench.bench_pipeline(quantized, options, say, name=f"{args.backend}-{args.compare}",
+                                            memory=memory))
     if args.compare == "torch":
         results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
                                        args.torch_device, say))
-    visual = None
-    data = bench.report(engine_dir, options, results, visual)
+    # ratios are baseline / other: the torch reference, or the unquantized run of --compare int8/fp8/int4
+    baseline = results[-1].name if args.compare == "torch" else results[0].name
+    data = bench.report(engine_dir, options, results, baseline=baseline)
     print(bench.format_table(data))
     if args.json:
         bench.write_json(data, args.json)
@@ -309,9 +318,12 @@ def _torch_baseline(checkpoint, pipe, options, device, say):
 
 
 def cmd_doctor(args) -> int:
-    from ppllava.runtime.doctor import report
+    from ppllava.runtime.doctor import DoctorOptions, report
 
-    print("\n".join(report(args.engine_dir)))
+    options = DoctorOptions(backend=args.backend, precision=args.precision, frames=args.frames)
+    if args.engine_dir is None and (args.precision or args.frames is not None):
+        raise InputError("--precision and --frames size an engine: give its ENGINE_DIR")
+    print("\n".join(report(args.engine_dir, options)))
     return 0
 
 
@@ -340,6 +352,7 @@ def cmd_check(args) -> int:
 
 
 def add_parsers(sub) -> None:
+
     p = sub.add_parser("check", help="verify an engine dir after copying it: manifest schema and every file's sha256")
     p.add_argument("engine_dir", type=Path)
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -347,6 +360,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("doctor", help="usable backends here, and whether an engine dir fits this machine / Jetsons")
     p.add_argument("engine_dir", type=Path, nargs="?")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="the backend whose memory to estimate")
+    p.add_argument("--precision", help="the recorded variant it will run (as `ask --precision`)")
+    p.add_argument("--frames", type=int, help="frames per video (default: the most the engine takes)")
     p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("ask", help="answer a question about a video from an engine dir (no torch)")
@@ -382,6 +398,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--random-weights", choices=("small", "vicuna-7b", "qwen2-7b"),
                    help="build (or reuse) a random-weight engine at real shapes instead of ENGINE_DIR")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
-    p.add_argument("--plot", type=Path, help="write a PNG chart of stacked stage medians")
-    p.set_defaults(handler=cmd_bench, requires=lambda a: [("torch", "ppllava[export]")]
-                   if a.random_weights or a.compare == "torch" else [])
+    p.add_argument("--plot", type=Path, help="write a PNG chart: per stage p50 and p95 of each backend, with the "
+                   "settings and the machine")
+    p.set_defaults(handler=cmd_bench, requires=lambda a: (
+        [("torch", "ppllava[export]")] if a.random_weights or a.compare == "torch" else [])
+        + ([("matplotlib", "ppllava[bench]")] if a.plot else []))

@@ -4,14 +4,18 @@ identical inputs. Guards against numbers that look plausible but mix regimes or 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.runtime import bench
+from ppllava.runtime.manifest import add_variants, variant_record
 from ppllava.runtime.pipeline import Pipeline
 
 
@@ -88,6 +92,7 @@ def test_cli_compare_torch_json_and_plot(engine, tiny_dirs, tmp_path):
         assert set(block["first_question"]["stages_ms"]) == set(bench.PHASES) - {"hash"}
         assert block["first_question"]["stages_ms"]["vision"]["n"] == 2
     assert {"vision", "prefill", "decode", "time_to_first_token", "end_to_end"} <= set(data["ratios"])
+    assert data["baseline"] == data["ratios"]["baseline"] == "torch-eager" and data["ratios"]["this"] == "onnxruntime"
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "time to first token" in r.stdout and "ratio" in r.stdout
 
@@ -98,3 +103,183 @@ def test_bad_bench_options_are_one_line(engine, tmp_path):
         r = subprocess.run([sys.executable, "-m", "ppllava.cli", "bench", str(engine), *args], capture_output=True, text=True)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def engine_int8(engine, tmp_path_factory):
+    """The tiny engine plus an onnxruntime:int8 LLM variant: a copy of the FP graph recorded as int8,
+    as `ppllava quantize` would record one (without the calibration, which bench does not need)."""
+    out = tmp_path_factory.mktemp("bench_int8") / "engine"
+    shutil.copytree(engine, out)
+    shutil.copytree(out / "llm", out / "llm_int8")
+    add_variants(out, [("llm", variant_record(out, out / "llm_int8", "onnxruntime", "int8"))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(engine):
+    lines = []
+    pipe = Pipeline.open(engine)
+    options = bench.BenchOptions(synthetic_frames=4, questions=2, repeat=2, warmup=2, max_new_tokens=3)
+    return pipe, options, bench.bench_pipeline(pipe, options, log_line=lines.append), lines
+
+
+def test_report_records_what_was_measured_and_where(measured, engine):
+    """Guards against reports that cannot be compared across machines: inputs, versions, settings and
+    hardware missing (visual_tokens was always null)."""
+    import cv2
+    import onnxruntime
+    import tokenizers
+    import torch
+
+    import ppllava
+
+    pipe, options, result, _ = measured
+    data = bench.report(engine, options, [result])
+    answer = pipe.ask(bench.synthetic_frames(4), bench.QUESTIONS[0], max_new_tokens=1)
+    assert data["visual_tokens"] == answer.visual_tokens > 0 and data["sampled_frames"] == answer.frames == 4
+    assert data["prompt_tokens"] == answer.prompt_tokens > answer.visual_tokens
+    block = data["backends"]["onnxruntime"]
+    assert block["inputs"]["prompt_tokens"][0] == answer.prompt_tokens and len(block["inputs"]["prompt_tokens"]) == 2
+    assert block["providers"] == ["cpu"] and block["threads"] is None and block["precision"] is None
+    assert block["stage_precisions"] == {"vision": "fp32", "text": "fp32", "pool": "fp32", "llm": "fp32"}
+    assert data["engine_fingerprint"] == json.loads((engine / "manifest.json").read_text())["source"]["fingerprint"]
+    stamp = datetime.fromisoformat(data["timestamp_utc"])
+    assert stamp.utcoffset() == timedelta(0) and abs(datetime.now(timezone.utc) - stamp) < timedelta(hours=1)
+    assert data["versions"]["ppllava"] == ppllava.__version__
+    for label, module in (("onnxruntime", onnxruntime), ("numpy", np), ("opencv", cv2), ("tokenizers", tokenizers),
+                          ("torch", torch)):  # torch: loaded in this process (the export)
+        assert data["versions"][label].startswith(module.__version__), (label, data["versions"][label])
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    if names:
+        assert data["machine"]["cpu_model"] == names[0]
+    assert data["machine"]["cpu_model"] and 1 <= data["machine"]["cpu_usable"] <= data["machine"]["cpu_count"]
+    assert data["machine"]["gpu"] is None and block["device"] == "cpu"
+    # torch is reported only where the process loaded it
+    r = subprocess.run([sys.executable, "-c", "import json; from ppllava.runtime import bench; print(json.dumps(bench.versions()))"],
+                       capture_output=True, text=True)
+    torch_free = json.loads(r.stdout)
+    assert "torch" not in torch_free and torch_free["onnxruntime"] == onnxruntime.__version__
+
+
+def test_progress_counts_warmups_apart_from_repeats(measured):
+    """Guards against a counter that calls the cold run and warm-ups "repeats" (1 + 2 + 2 = "5/5")."""
+    assert measured[3] == ["onnxruntime: cold run done", "onnxruntime: warm-up 1/2 done (discarded)",
+                           "onnxruntime: warm-up 2/2 done (discarded)", "onnxruntime: repeat 1/2 done",
+                           "onnxruntime: repeat 2/2 done"]
+
+
+def test_stage_precisions_name_the_variant_that_ran(engine_int8):
+    """Guards against reporting the FP export's precision for a quantized LLM variant (the
+    onnxruntime backend's artifact("llm") names the FP record whichever graph its decoder opened)."""
+    fp32 = {"vision": "fp32", "text": "fp32", "pool": "fp32", "llm": "fp32"}
+    assert bench.stage_precisions(Pipeline.open(engine_int8)) == fp32
+    assert bench.stage_precisions(Pipeline.open(engine_int8, precision="int8")) == {**fp32, "llm": "int8"}
+
+
+def test_peak_host_memory_is_each_backends_own(engine):
+    """Guards against a process-wide peak: the second backend's figure included the first's."""
+    options = bench.BenchOptions(synthetic_frames=4, questions=1, repeat=1, warmup=0, max_new_tokens=2)
+    first_window = bench.HostMemory()
+    spike = np.ones(256 * 2**20 // 8)  # the first backend's peak, freed before the second opens
+    del spike
+    first = bench.bench_pipeline(Pipeline.open(engine), options, log_line=lambda _: None, memory=first_window)
+    second_window = bench.HostMemory()
+    second = bench.bench_pipeline(Pipeline.open(engine), options, log_line=lambda _: None, memory=second_window)
+    a, b = first.summary(), second.summary()
+    assert a["peak_host_own_mib"] > 250 and a["peak_host_mib"] >= a["host_baseline_mib"] + 250, a
+    assert b["peak_host_own_mib"] < 200 and b["peak_host_mib"] < a["peak_host_mib"] - 200, (a, b)
+    assert b["host_baseline_mib"] > 0 and b["peak_host_method"] in (
+        "peak RSS in this backend's window (VmHWM reset via /proc/self/clear_refs)",
+        "RSS at the end of this backend's run (peak not resettable here: a lower bound)")
+    if bench.reset_peak_rss():  # where the kernel resets the peak, the window's figure is a peak, not an RSS
+        assert "clear_refs" in b["peak_host_method"]
+
+
+def _result(name: str, ms: float) -> bench.BackendResult:
+    r = bench.BackendResult(name)
+    r.first = [bench.Run({"vision": ms, "prefill": ms, "decode": 3 * ms}, 6 * ms, 4)]
+    return r
+
+
+def test_ratio_is_baseline_over_the_other_for_every_compare():
+    """Guards against a ratio whose direction depends on the flag (torch/onnxruntime for --compare
+    torch, int4/fp32 for --compare int4): always baseline / other, > 1 when the other is faster."""
+    options = bench.BenchOptions(synthetic_frames=4)
+    # --compare torch: the runtime runs first, the torch reference is the baseline
+    data = bench.report(Path("e"), options, [_result("onnxruntime", 10.0), _result("torch-eager", 40.0)],
+                        baseline="torch-eager")
+    assert data["baseline"] == data["ratios"]["baseline"] == "torch-eager" and data["ratios"]["this"] == "onnxruntime"
+    assert data["ratios"]["vision"] == data["ratios"]["end_to_end"] == data["ratios"]["decode_ms_per_token"] == 4.0
+    assert data["ratios"]["meaning"] == "torch-eager median / onnxruntime median (> 1: onnxruntime is faster)"
+    # --compare int4: the unquantized run comes first and is the baseline; a faster int4 also reads > 1
+    data = bench.report(Path("e"), options, [_result("onnxruntime", 40.0), _result("onnxruntime-int4", 10.0)],
+                        baseline="onnxruntime")
+    assert data["ratios"]["vision"] == data["ratios"]["time_to_first_token"] == 4.0
+    assert data["ratios"]["this"] == "onnxruntime-int4"
+    table = bench.format_table(data)
+    assert "ratio onnxruntime/onnxruntime-int4" in table and "4.00x" in table
+    assert "ratio = onnxruntime median / onnxruntime-int4 median (> 1: onnxruntime-int4 is faster)" in table
+
+
+def test_cli_compare_quantized_names_its_baseline(engine_int8, tmp_path):
+    out_json = tmp_path / "q.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "ppllava.cli", "bench", str(engine_int8), "--synthetic-frames", "4", "--repeat", "2",
+         "--warmup", "1", "--max-new-tokens", "3", "--compare", "int8", "--json", str(out_json)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out_json.read_text())
+    base, quantized = data["backends"]["onnxruntime"], data["backends"]["onnxruntime-int8"]
+    assert data["baseline"] == data["ratios"]["baseline"] == "onnxruntime" and data["ratios"]["this"] == "onnxruntime-int8"
+    expected = base["first_question"]["end_to_end_ms"]["median"] / quantized["first_question"]["end_to_end_ms"]["median"]
+    assert data["ratios"]["end_to_end"] == pytest.approx(expected, abs=1e-3)
+    assert base["stage_precisions"]["llm"] == "fp32" and quantized["stage_precisions"]["llm"] == "int8"
+    assert quantized["precision"] == "int8" and data["visual_tokens"] == quantized["inputs"]["visual_tokens"]
+    for block in (base, quantized):
+        assert block["peak_host_own_mib"] is not None and block["peak_host_mib"] >= block["host_baseline_mib"]
+    assert "ratio onnxruntime/onnxruntime-int8" in r.stdout
+    assert "onnxruntime-int8: warm-up 1/1 done (discarded)" in r.stderr and "onnxruntime-int8: repeat 2/2 done" in r.stderr
+
+
+def test_plot_without_matplotlib_is_refused_before_any_run(engine, tmp_path, monkeypatch):
+    """Guards against --plot failing only after the whole benchmark ran."""
+    png = tmp_path / "b.png"
+    code = "import sys; sys.modules['matplotlib'] = None; from ppllava.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "bench", str(engine), "--synthetic-frames", "4", "--repeat", "1",
+                        "--warmup", "0", "--max-new-tokens", "2", "--plot", str(png)], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "matplotlib" in lines[0] and "ppllava[bench]" in lines[0], r.stderr
+    assert r.stdout == "" and not png.exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the library's own check, for API callers
+    with pytest.raises(bench.InputError, match="needs matplotlib"):
+        bench.require_plotting()
+
+
+def test_plot_shows_p50_p95_settings_and_device(measured, engine, tmp_path):
+    """Guards against a picture of medians only, with no spread, numbers, settings or machine."""
+    _, options, result, _ = measured
+    data = bench.report(engine, options, [result])
+    c = bench.chart(data)
+    rows = dict(c.rows)
+    first = data["backends"]["onnxruntime"]["first_question"]
+    for label, stats in (("vision", first["stages_ms"]["vision"]), ("decode", first["stages_ms"]["decode"]),
+                         ("time to first token", first["time_to_first_token_ms"])):
+        assert rows[label]["onnxruntime"] == (stats["median"], stats["p95"])
+    assert "follow-up TTFT" in rows
+    settings = " ".join(c.settings)
+    for expected in ("4 frames sampled", f"{data['visual_tokens']} visual tokens", f"prompt {data['prompt_tokens']} tokens",
+                     "max-new-tokens 3", "onnxruntime: precision fp32; providers cpu; threads default; on cpu",
+                     f"CPU {data['machine']['cpu_model']}", "GPU none"):
+        assert expected in settings, (expected, settings)
+    matplotlib = pytest.importorskip("matplotlib")
+    fig = bench.draw(c)
+    drawn = " ".join(" ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text)).split())
+    vision = first["stages_ms"]["vision"]
+    assert f"p50 {vision['median']:.3g} / p95 {vision['p95']:.3g} ms" in drawn
+    assert "providers cpu" in drawn and "max-new-tokens 3" in drawn and data["machine"]["cpu_model"] in drawn
+    matplotlib.pyplot.close(fig)
+    png = tmp_path / "b.png"
+    assert bench.plot(data, png) == c and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
