@@ -171,7 +171,8 @@ def load_clip(path: str | Path, count: int, size: int, start: float | None = Non
     cv2 = _cv2()
     with _opened(path, cv2) as capture:
         if not capture.isOpened():
-            raise InputError(f"{path} is not a readable video (OpenCV cannot open it)")
+            raise InputError(f"{path} has no video stream OpenCV can decode (an audio-only file, an unsupported "
+                             "codec, or not a video)")
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         _check_size(width, height, path, max_side)
@@ -194,6 +195,10 @@ def load_clip(path: str | Path, count: int, size: int, start: float | None = Non
         total, sampled = _sample_by_decoding(path, cv2, total, count, fps, start, end, size)
     frames, indices, times = sampled
     times = () if None in times else tuple(times)  # a broken frame has no timestamp
+    distinct = len(set(indices))
+    if distinct < len(indices):
+        log.warning("%s: the window holds %d distinct frame(s), so %d of the %d sampled frames repeat them",
+                    path.name, distinct, len(indices) - distinct, len(indices))
     return Clip(frames, "video", indices, float(fps), total, (width, height), times)
 
 

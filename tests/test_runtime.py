@@ -272,7 +272,7 @@ def bad_inputs(tmp_path_factory, tiny_engines):
 BAD = [
     ("missing file", "{root}/nope.mp4", QUESTION, [], "does not exist"),
     ("directory", "{root}/a_dir", QUESTION, [], "is a directory"),
-    ("text file named .mp4", "{root}/notes.mp4", QUESTION, [], "not a readable video"),
+    ("text file named .mp4", "{root}/notes.mp4", QUESTION, [], "no video stream OpenCV can decode"),
     ("truncated mp4", "{root}/truncated.mp4", QUESTION, [], "video"),
     ("zero-frame video", "{root}/empty.mp4", QUESTION, [], "video"),
     ("8K video", "{root}/8k.mp4", QUESTION, [], "larger than 4096 px"),

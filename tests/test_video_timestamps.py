@@ -204,3 +204,32 @@ def test_sample_times_rule():
     assert sample_times(times, 1, 3.9, 10) == [5]  # the end is clamped to the video's
     with pytest.raises(InputError, match="selects no frames of a 4.50 s video"):
         sample_times(times, 2, 4.5)
+
+
+def test_repeated_frames_and_audio_only_files_are_said(tmp_path, caplog):
+    """A 1-frame video sampled at 8 frames says its frames repeat; a file with sound only says it
+    has no video stream (not that OpenCV 'cannot open' it)."""
+    import logging
+    import wave
+
+    import cv2
+
+    from ppllava.errors import InputError
+    from ppllava.runtime.video import load_clip
+
+    one = tmp_path / "one.mp4"
+    writer = cv2.VideoWriter(str(one), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    writer.write(np.full((48, 64, 3), 100, np.uint8))
+    writer.release()
+    with caplog.at_level(logging.WARNING, logger="ppllava.runtime.video"):
+        clip = load_clip(one, 8, 32)
+    assert clip.frames.shape[0] == 8
+    assert any("1 distinct frame(s), so 7 of the 8 sampled frames repeat them" in r.getMessage() for r in caplog.records)
+    sound = tmp_path / "voice.wav"
+    with wave.open(str(sound), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(16000))
+    with pytest.raises(InputError, match="no video stream"):
+        load_clip(sound, 8, 32)
