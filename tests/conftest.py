@@ -41,3 +41,21 @@ def tiny_models(tiny_dirs):
     from ppllava import PPLLaVA
 
     return {v: PPLLaVA.from_pretrained(d) for v, d in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_dirs, tmp_path_factory):
+    """``tiny_engine(variant)``: that tiny checkpoint exported once per session (default options).
+    Shared: tests that change an engine dir work on a copy."""
+    from ppllava.export.engine import ExportOptions, export_engine
+
+    built = {}
+
+    def get(variant: str):
+        if variant not in built:
+            out = tmp_path_factory.mktemp(f"engine-{variant}") / "engine"
+            export_engine(ExportOptions(tiny_dirs[variant], out), report=lambda _: None)
+            built[variant] = out
+        return built[variant]
+
+    return get

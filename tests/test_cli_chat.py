@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 
 from ppllava.cli import main
-from ppllava.export.engine import ExportOptions, export_engine
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chat") / "engine"
-    export_engine(ExportOptions(tiny_dirs["qwen"], out), report=lambda _: None)
-    return out
+def engine(tiny_engine):
+    return tiny_engine("qwen")
 
 
 @pytest.fixture(scope="module")

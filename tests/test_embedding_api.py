@@ -10,7 +10,6 @@ import weakref
 import numpy as np
 import pytest
 
-from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.runtime import Cancelled, EngineError, InputError, Pipeline
 
 CLIPS = [np.random.default_rng(seed).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8) for seed in range(2)]
@@ -19,10 +18,8 @@ LONG = {"max_new_tokens": 12, "ignore_eos": True}  # long sequences: an interlea
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embed") / "engine"
-    export_engine(ExportOptions(tiny_dirs["qwen"], out), report=lambda _: None)
-    return out
+def engine(tiny_engine):
+    return tiny_engine("qwen")
 
 
 @pytest.fixture(scope="module")

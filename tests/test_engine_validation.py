@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import ppllava.runtime.manifest as manifest_module
-from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.runtime import EngineError, Pipeline
 from ppllava.runtime.manifest import Manifest
 
@@ -21,10 +20,8 @@ FRAMES = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("validate") / "engine"
-    export_engine(ExportOptions(tiny_dirs["vicuna"], out), report=lambda _: None)
-    return out
+def engine(tiny_engine):
+    return tiny_engine("vicuna")
 
 
 def _edited(engine, tmp_path, edit):
@@ -36,24 +33,23 @@ def _edited(engine, tmp_path, edit):
     return work
 
 
-def _set(path):
+def _at(path, change):
+    """An edit that applies ``change(parent, key)`` at the dotted ``path`` of the manifest."""
     def edit(data, _):
         *parents, last = path.split(".")
         node = data
         for part in parents:
             node = node[part]
-        node[last] = None
+        change(node, last)
     return edit
+
+
+def _set(path):
+    return _at(path, lambda node, key: node.__setitem__(key, None))
 
 
 def _delete(path):
-    def edit(data, _):
-        *parents, last = path.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        del node[last]
-    return edit
+    return _at(path, lambda node, key: node.__delitem__(key))
 
 
 @pytest.mark.parametrize("edit, message", [
