@@ -103,6 +103,28 @@ def _drop_shape_annotations(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _fix_genai_eos(config_path: Path, hf_dir: Path) -> None:
+    """The builder adds "the tokenizer's end-of-turn token" to eos_token_id; for a tokenizer config
+    without token strings transformers invents one past the vocabulary (49154 of 49153 rows for
+    SmolLM2), and onnxruntime-genai's own ``og.Model`` then refuses the directory. Keep the ids the
+    LLM can produce, the generation config's first."""
+    config = json.loads(config_path.read_text())
+    model = config["model"]
+    vocab = int(model["vocab_size"])
+    ids = model.get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids]
+    generation = hf_dir / "generation_config.json"
+    wanted = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    wanted = wanted if isinstance(wanted, list) else [] if wanted is None else [wanted]
+    kept = list(dict.fromkeys(int(i) for i in [*wanted, *ids] if i is not None and 0 <= int(i) < vocab))
+    if not kept:
+        raise LLMExportError(f"no end-of-sequence id below the vocabulary size {vocab} (builder wrote {ids})")
+    if kept != ids:
+        log.info("genai_config eos_token_id %s -> %s (ids must be < vocab_size %d)", ids, kept, vocab)
+        model["eos_token_id"] = kept[0] if len(kept) == 1 else kept
+        config_path.write_text(json.dumps(config, indent=4) + "\n")
+
+
 def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: str | None = None) -> Path:
     """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``;
     ``precision`` ("int4", "int8") overrides the dtype's for weight-quantized CPU builds."""
@@ -134,6 +156,7 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: s
         raise LLMExportError(f"onnxruntime-genai builder wrote no model.onnx to {out_dir}")
     if precision != "fp32":
         _drop_shape_annotations(out_dir / "model.onnx")
+    _fix_genai_eos(out_dir / "genai_config.json", hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         # the placeholder tokenizer (if any) stays out of the engine dir
         if not (hf_dir / name).is_file():
