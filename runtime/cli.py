@@ -352,6 +352,9 @@ def cmd_check(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ppllava.runtime.serving.cli import add_parsers as add_serving_parsers
+
+    add_serving_parsers(sub)  # triton-repo, serve
 
     p = sub.add_parser("check", help="verify an engine dir after copying it: manifest schema and every file's sha256")
     p.add_argument("engine_dir", type=Path)
