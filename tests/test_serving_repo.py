@@ -89,3 +89,34 @@ def test_serve_without_binary_is_one_line(monkeypatch, tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'ppllava[serve]'" in err
+
+
+def test_k8s_manifest_matches_serve():
+    """Bug class: a deployment whose probes, ports or flags drifted from what `ppllava serve` does."""
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    from ppllava.cli import build_parser
+    from ppllava.runtime.serving.server import LIVE_PATH, READY_PATH, ServeOptions
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "ppllava.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    pod = docs["Deployment"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert container["command"] == ["ppllava"] and args.command == "serve"
+    assert str(args.engine_dir) == "/engine" and [str(a) for a in args.allow] == ["/videos"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/engine", "/videos"} <= mounts
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port,
+                     "openai": args.openai_port}
+    assert (args.http_port, args.grpc_port, args.metrics_port, args.openai_port) == (
+        ServeOptions.http_port, ServeOptions.grpc_port, ServeOptions.metrics_port, ServeOptions.openai_port)
+    assert container["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": LIVE_PATH, "port": "http"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    assert docs["Deployment"]["spec"]["replicas"] == 2 and container["resources"]["requests"]
+    service = {p["name"]: (p["port"], p["targetPort"]) for p in docs["Service"]["spec"]["ports"]}
+    assert service == {name: (port, name) for name, port in ports.items()}
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]

@@ -241,6 +241,17 @@ def test_cli_bench_torch_backend_against_eager_baseline(torch_engines, tiny_dirs
 
 
 # ------------------------------------------------------------------ refusals
+def _video(path):
+    """A real little clip: the CLI checks the video before it opens the engine."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(8):
+        writer.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    writer.release()
+    return path
+
+
 def _one_line_error(args) -> str:
     r = subprocess.run([sys.executable, "-m", "ppllava.cli", *args], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
@@ -276,7 +287,7 @@ def test_engine_without_torch_stages_is_refused(tiny_dirs, tmp_path):
     export_engine(ExportOptions(tiny_dirs["vicuna"], engine, llm="none", verify=False), report=lambda line: None)
     with pytest.raises(EngineError, match="--torch"):
         Pipeline.open(engine, backend="torch")
-    line = _one_line_error(["ask", str(engine), str(tmp_path / "v.mp4"), "hi", "--backend", "torch"])
+    line = _one_line_error(["ask", str(engine), str(_video(tmp_path / "v.mp4")), "hi", "--backend", "torch"])
     assert "no torch stages" in line
 
 
@@ -292,7 +303,7 @@ def test_package_compiled_elsewhere_is_refused(torch_engines, tmp_path):
                                                              gpu="NVIDIA H100", compute_capability="9.0")
     (engine / "manifest.json").write_text(json.dumps(manifest))
     if not torch.cuda.is_available():
-        line = _one_line_error(["ask", str(engine), str(tmp_path / "v.mp4"), "hi", "--backend", "torch"])
+        line = _one_line_error(["ask", str(engine), str(_video(tmp_path / "v.mp4")), "hi", "--backend", "torch"])
         assert "compiled for CUDA" in line
 
 

@@ -19,7 +19,8 @@ def cmd_serve(args) -> int:
     from ppllava.runtime.serving.server import ServeOptions, serve
 
     return serve(ServeOptions(args.engine_dir, args.host, args.http_port, args.grpc_port, args.metrics_port,
-                              args.instances, args.max_batch, args.threads, args.queue_delay_us, args.allow),
+                              args.instances, args.max_batch, args.threads, args.queue_delay_us, args.allow,
+                              openai_port=args.openai_port, max_data_bytes=args.max_data_mib * 2**20),
                  announce=lambda line: print(line, flush=True))
 
 
@@ -52,4 +53,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--http-port", type=int, default=ServeOptions.http_port)
     p.add_argument("--grpc-port", type=int, default=ServeOptions.grpc_port)
     p.add_argument("--metrics-port", type=int, default=ServeOptions.metrics_port)
+    p.add_argument("--openai-port", type=int, default=ServeOptions.openai_port,
+                   help="port of the OpenAI-compatible /v1/chat/completions front end (0: off)")
+    p.add_argument("--max-data-mib", type=int, default=ServeOptions.max_data_bytes // 2**20, metavar="MIB",
+                   help="the largest data: URL the OpenAI front end takes")
     p.set_defaults(handler=cmd_serve)

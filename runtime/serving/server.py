@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ppllava.errors import PPLLaVAError
+from ppllava.runtime.serving.openai_api import MAX_DATA_BYTES
 from ppllava.runtime.serving.repository import RepoOptions, write_repository
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'ppllava[serve]'"
+READY_PATH, LIVE_PATH = "/v2/health/ready", "/v2/health/live"  # KServe v2; deploy/k8s probes these
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ServeOptions:
     queue_delay_us: int = RepoOptions.queue_delay_us
     allow: list[Path] = field(default_factory=list)
     ready_timeout: float = 120.0
+    openai_port: int = 8080  # the OpenAI-compatible front end (openai_api.py); 0: none
+    max_data_bytes: int = MAX_DATA_BYTES  # the largest data: URL it takes
 
 
 @dataclass
@@ -145,7 +149,7 @@ class TritonServer:
         self.process = subprocess.Popen(self.command(), env=env, cwd=self.workdir,
                                         start_new_session=True)  # Ctrl-C reaches us; we stop it in order
         deadline = time.monotonic() + self.options.ready_timeout
-        url = self.endpoints["http"] + "/v2/health/ready"
+        url = self.endpoints["http"] + READY_PATH
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 code = self.process.returncode
@@ -200,10 +204,19 @@ def serve(options: ServeOptions, announce=print) -> int:
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(options)
+    front = None
     try:
         server.start()
+        if options.openai_port:
+            from ppllava.runtime.serving.openai_api import OpenAIFrontEnd, OpenAIOptions
+
+            local = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host  # a wildcard bind
+            front = OpenAIFrontEnd(OpenAIOptions(f"{local}:{options.grpc_port}", options.host,
+                                                 options.openai_port, options.allow, options.max_data_bytes)).start()
         for name, url in server.endpoints.items():
             announce(f"{name:8s} {url}")
+        if front is not None:
+            announce(f"openai   {front.url} (POST /v1/chat/completions, GET /v1/models)")
         announce("models   ppllava (request/response), ppllava_stream (decoupled); Ctrl-C stops")
         while not stopping and server.process.poll() is None:
             time.sleep(0.2)
@@ -211,6 +224,8 @@ def serve(options: ServeOptions, announce=print) -> int:
             raise PPLLaVAError(f"tritonserver exited unexpectedly with status {server.process.returncode}")
         return 0
     finally:
+        if front is not None:  # first: its requests in flight still need Triton
+            front.stop()
         server.stop()
         for s, h in previous.items():
             signal.signal(s, h)
