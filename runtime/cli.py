@@ -13,8 +13,14 @@ from ppllava.runtime.pipeline import BACKENDS, DEFAULT_MAX_NEW_TOKENS
 from ppllava.runtime.video import MAX_SIDE
 
 
+def _engine_or_url(text: str):
+    """An engine dir, or (ask only) the URL of a `ppllava serve` server's OpenAI endpoint."""
+    return text if text.startswith(("http://", "https://")) else Path(text)
+
+
 def _common(p) -> None:
-    p.add_argument("engine_dir", type=Path)
+    p.add_argument("engine_dir", type=_engine_or_url, metavar="ENGINE_DIR",
+                   help="engine dir; for ask also a server URL (http://host:8080 from `ppllava serve`)")
     p.add_argument("video", type=Path, help="video file (mp4, avi, mkv, webm, mov, ...) or an image")
     p.add_argument("--frames", type=int, help="frames to sample (default: the manifest's, 32 for released models)")
     p.add_argument("--start", type=float, help="window start in seconds")
@@ -72,6 +78,8 @@ def cmd_ask(args) -> int:
 
     check_question(args.question)  # checks that need no engine come before loading it (seconds, hundreds of MB)
     check_path(args.video)
+    if isinstance(args.engine_dir, str):
+        return _ask_server(args)
     pipe, sampling = _open(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     answer = pipe.ask(args.video, args.question, frames=args.frames, start=args.start, end=args.end,
@@ -94,6 +102,28 @@ def cmd_ask(args) -> int:
                             f"the rounding bound {tie['bound']:.2e}: either token is a correct float32 answer)")
             print(f"reference (PyTorch): {verdict}: {ref['answer']!r}", file=sys.stderr)
     return 0 if not args.reference or result["reference"]["agrees"] else 1
+
+
+def _ask_server(args) -> int:
+    from ppllava.runtime.serving.client import ask_server
+
+    if args.reference or args.backend != "onnxruntime" or args.precision:
+        raise InputError("--reference, --backend and --precision choose what runs locally; the server runs what it was "
+                         "started with")
+    t0 = time.perf_counter()
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    result = ask_server(args.engine_dir, args.video, args.question, on_text=stream, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, frames=args.frames,
+                        start=args.start, end=args.end, tokens=args.tokens)
+    result["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        usage = result["usage"] or {}
+        print()
+        print(f"[{args.engine_dir}: {usage.get('prompt_tokens', '?')} prompt tokens -> "
+              f"{usage.get('completion_tokens', '?')} new, {result['wall_ms']:.0f} ms]", file=sys.stderr)
+    return 0
 
 
 def _compare_with_reference(args, pipe, answer) -> dict:
@@ -188,6 +218,9 @@ def cmd_chat(args) -> int:
     """Questions about one video. Ctrl-C stops an answer (the session and its history stay), an
     empty line is ignored, Ctrl-D or /quit ends; a bad question is one line and the next one is asked."""
     from ppllava.runtime.video import check_path
+
+    if isinstance(args.engine_dir, str):
+        raise InputError("chat runs on an engine dir; for a server use `ppllava ask URL VIDEO QUESTION`")
 
     check_path(args.video)  # before the engine loads and before the first question is typed
     pipe, sampling = _open(args)

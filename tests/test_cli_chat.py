@@ -148,3 +148,15 @@ def test_smaller_cli_points(engine, video, tmp_path):
     blocker.write_text("x")
     code, err = _ask("export", tmp_path / "missing-ckpt", "--out", blocker / "engine")
     assert code == 2 and len(err) == 1 and "not writable" in err[0]
+
+
+def test_ask_a_server_that_is_not_there_is_one_line(video):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, err = _ask("ask", f"http://127.0.0.1:{port}", video, "What happens?")
+    assert code == 2 and len(err) == 1 and "cannot reach" in err[0]
+    code, err = _ask("chat", f"http://127.0.0.1:{port}", video)
+    assert code == 2 and len(err) == 1 and "ppllava ask URL" in err[0]

@@ -158,3 +158,25 @@ def test_serve_cli_starts_and_stops_the_front_end(video):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cli_ask_against_the_server(server, video, triton_answer):
+    """`ppllava ask URL VIDEO QUESTION`: the CLI as a client, streaming, same answer as Triton's."""
+    import subprocess
+    import sys
+
+    url = server[1].url
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "ask", url, str(video), QUESTION, "--max-new-tokens",
+                        str(MAX_NEW), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    result = json.loads(r.stdout)
+    assert result["answer"] == triton_answer[0].strip() and result["usage"]["completion_tokens"] >= 1
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "ask", url, str(video), "<image>?"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "ask", closed, str(video), QUESTION], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach" in r.stderr and len(r.stderr.strip().splitlines()) == 1
