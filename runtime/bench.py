@@ -214,23 +214,14 @@ def synthetic_frames(count: int, size: int = 448, seed: int = 0) -> np.ndarray:
 
 
 def stage_precisions(pipe) -> dict[str, str]:
-    """What each stage ran in: its artifact's recorded precision (else the backend's compute dtype).
-    The LLM's record is the one whose graph the decoder opened: ``artifact("llm")`` of the
-    onnxruntime backend names the FP export even when a ``--precision`` LLM variant runs."""
+    """What each stage ran in: its artifact's recorded precision (else the backend's compute dtype),
+    the LLM's from the record of the LLM the backend's decoder loads."""
     from ppllava.runtime.backends import STAGES
 
-    backend, manifest = pipe.backend, pipe.manifest
+    backend = pipe.backend
     out = {s: backend.artifact(s).get("precision") or backend.compute_dtype for s in STAGES}
-    llm = manifest.data["stages"].get("llm", {})
-    opened = getattr(pipe.decoder, "path", None)  # the ONNX decoder's graph, inside its record's dir
-    for record in (llm, *llm.get("variants", {}).values()):
-        if opened is not None and (record.get("file") or record.get("dir")) and \
-                manifest.path(record) in (Path(opened), Path(opened).parent):
-            out["llm"] = record["precision"]
-            break
-    else:
-        native = manifest.variants("llm", backend.name)  # an LLM engine of the backend's own (tensorrt-llm)
-        out["llm"] = next(iter(native)) if len(native) == 1 else backend.compute_dtype
+    llm = backend.llm_artifact()
+    out["llm"] = None if llm is None else llm.get("precision") or backend.compute_dtype  # None: --llm none
     return out
 
 

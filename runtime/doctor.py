@@ -154,38 +154,25 @@ def _llm_io_bytes(record: dict) -> int:
     return 4
 
 
-def _onnx_llm(manifest, backend, config):
-    """What ``open_onnx_llm`` opens: the ``onnxruntime:<precision>`` variant, else the FP ONNX LLM;
-    weights are the decoder graph and its external data (not the tokenizer copies beside them)."""
-    from ppllava.runtime.manifest import variant_key
-
-    if not manifest.exported("llm"):
-        return None
-    precision = backend.options.precision
-    record = (precision and manifest.stage_variant("llm", variant_key("onnxruntime", precision))) or manifest.stage("llm")
-    graph = config["filename"]
-    return _files_bytes(record, lambda rel: Path(rel).name in (graph, graph + ".data")), _llm_io_bytes(record)
-
-
-def _trtllm_llm(manifest, backend, config):
-    """The TensorRT-LLM engine the backend found (``backend.llm``): its files; KV and logits in fp16."""
-    return _files_bytes(backend.llm), 2
-
-
-def _torch_llm(manifest, backend, config):
-    """``llm_hf/`` loaded in the torch stages' dtype: every weight at that dtype's size."""
+def _llm_loaded(manifest, backend, config):
+    """(weight bytes, KV/logit element bytes) of the LLM the backend's decoder loads
+    (``backend.llm_artifact()``), by what that artifact is: an ONNX graph (its decoder graph and
+    external data, not the tokenizer copies beside it), a TensorRT-LLM engine (its files, fp16 KV and
+    logits) or ``llm_hf/`` loaded by torch in the stages' dtype."""
     from ppllava.runtime.tensors import map_safetensors
 
-    if not manifest.data["llm"].get("hf_dir"):
+    record = backend.llm_artifact()
+    if record is None:
         return None
-    hf_dir = manifest.root / manifest.data["llm"]["hf_dir"]
-    itemsize = ACTIVATION_BYTES.get(backend.precision, 4)
-    elements = sum(a.size for f in sorted(hf_dir.glob("*.safetensors")) for a in map_safetensors(f).values())
-    return elements * itemsize, itemsize
-
-
-# Which LLM artifact each backend's ``open_decoder`` loads -> (weight bytes, KV/logit element bytes).
-LLM_ARTIFACT = {"onnxruntime": _onnx_llm, "tensorrt": _onnx_llm, "tensorrt-llm": _trtllm_llm, "torch": _torch_llm}
+    if record.get("backend") == "torch":
+        itemsize = ACTIVATION_BYTES.get(record["precision"], 4)
+        hf_dir = manifest.path(record)
+        elements = sum(a.size for f in sorted(hf_dir.glob("*.safetensors")) for a in map_safetensors(f).values())
+        return elements * itemsize, itemsize
+    if record.get("backend") == "tensorrt-llm":
+        return _files_bytes(record), 2
+    graph = config["filename"]
+    return _files_bytes(record, lambda rel: Path(rel).name in (graph, graph + ".data")), _llm_io_bytes(record)
 
 
 def _mlp_width(manifest, config) -> int:
@@ -246,7 +233,7 @@ def memory_estimate(engine_dir: Path, options: DoctorOptions = DoctorOptions(),
     except ValueError as exc:  # as `ask` refuses it
         raise InputError(f"cannot pool {frames} frame(s): {exc}") from None
     config = _llm_config(manifest)
-    loaded = LLM_ARTIFACT[options.backend](manifest, backend, config) if config else None
+    loaded = _llm_loaded(manifest, backend, config) if config else None
     context = int(config["context"]) if loaded else 0  # no LLM (exported with --llm none): none of its terms
     prefill = min(visual + PROMPT_TEXT_TOKENS, context)
     est = MemoryEstimate(frames=frames, context=context, prefill_tokens=prefill)

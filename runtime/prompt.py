@@ -137,7 +137,7 @@ class Tokenizers:
         """Text runs and control-token ids. The tokenizer parses the template's pieces, so its own
         matching rules apply; <image> is the image token even where the tokenizer lacks it."""
         image = int(self.llm_spec["image_token_id"])
-        added = self.llm.get_added_tokens_decoder()
+        added = self._added
         out: list[str | int] = [""]
         for text, trusted in pieces(self.llm_spec["template"], turns):
             if not trusted:
@@ -154,6 +154,10 @@ class Tokenizers:
                         start = b
                 out[-1] += part[start:]
         return out
+
+    @cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.llm.get_added_tokens_decoder())
 
     @cached_property
     def _plain(self):

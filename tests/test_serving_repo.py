@@ -55,12 +55,17 @@ def test_upload_is_private_and_removed(tmp_path):
     assert not path.exists() and message == "video_bytes has no decodable frames (more)"
 
 
-def test_repository(tmp_path):
+def test_repository(tmp_path, tiny_engine):
+    from ppllava.errors import EngineError
     from ppllava.runtime.serving.repository import RepoOptions, write_repository
 
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    (engine / "manifest.json").write_text("{}")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "manifest.json").write_text("{}")
+    with pytest.raises(EngineError, match="not a ppllava engine manifest"):  # refused here, not in the server's log
+        write_repository(RepoOptions(fake, tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
+    engine = tiny_engine("vicuna")
     out = write_repository(RepoOptions(engine, tmp_path / "repo", instances=3, max_batch=6, allow=[tmp_path]))
     plain = (out / "ppllava" / "config.pbtxt").read_text()
     stream = (out / "ppllava_stream" / "config.pbtxt").read_text()
@@ -73,6 +78,8 @@ def test_repository(tmp_path):
         write_repository(RepoOptions(engine, out))
     with pytest.raises(InputError, match="--instances"):
         write_repository(RepoOptions(engine, tmp_path / "other", instances=0))
+    with pytest.raises(InputError, match="threads must be an integer >= 1"):
+        write_repository(RepoOptions(engine, tmp_path / "other", threads=0))
 
 
 def test_serve_without_binary_is_one_line(monkeypatch, tmp_path, capsys):

@@ -81,6 +81,7 @@ class Backend(Protocol):
     torch_stages: bool  # its stages are the torch variants (`ppllava export --torch`)
 
     def artifact(self, stage: str) -> dict: ...  # the manifest record of the file it runs for ``stage``
+    def llm_artifact(self) -> dict | None: ...  # the record of the LLM its decoder loads (None: no LLM)
     def open_stages(self) -> dict[str, StageRunner]: ...
     def open_decoder(self, embeddings: Callable[[], np.ndarray]) -> "Decoder | None": ...
     def host(self, value) -> np.ndarray: ...  # a stage output as a host numpy array

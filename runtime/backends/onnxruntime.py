@@ -127,6 +127,9 @@ class OnnxruntimeBackend(HostBackend):
         return {n: OrtStage(self.manifest.path(self.artifact(n)), self.options.providers, self.options.threads)
                 for n in STAGES}
 
+    def llm_artifact(self) -> dict | None:
+        return onnx_llm_record(self.manifest, self.options.precision)
+
     def open_decoder(self, embeddings):
         return open_onnx_llm(self.manifest, self.options, embeddings)
 
@@ -135,14 +138,22 @@ class OnnxruntimeBackend(HostBackend):
         return DeviceInfo("cpu" if tuple(providers) == ("cpu",) else "onnxruntime " + ",".join(providers))
 
 
-def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):
-    """The engine's ONNX LLM (its ``onnxruntime:<options.precision>`` variant where one exists), or
-    None for an engine exported without one."""
+def onnx_llm_record(manifest: Manifest, precision: str | None) -> dict | None:
+    """The ONNX LLM a backend runs: its ``onnxruntime:<precision>`` variant where one exists, else the
+    exported one; None for an engine exported without one (--llm none)."""
     if not manifest.exported("llm"):
         return None
-    variant = options.precision and manifest.stage_variant("llm", variant_key("onnxruntime", options.precision))
-    return OrtDecoder(manifest.path(variant or manifest.stage("llm")), options.providers, options.threads,
-                      kv_in_place=True, embed_tokens=embeddings())
+    variant = precision and manifest.stage_variant("llm", variant_key("onnxruntime", precision))
+    return variant or manifest.stage("llm")
+
+
+def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):
+    """An ``OrtDecoder`` on ``onnx_llm_record``, or None."""
+    record = onnx_llm_record(manifest, options.precision)
+    if record is None:
+        return None
+    return OrtDecoder(manifest.path(record), options.providers, options.threads, kv_in_place=True,
+                      embed_tokens=embeddings())
 
 
 class OrtDecoder(StepDecoder):

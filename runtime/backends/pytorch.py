@@ -378,6 +378,11 @@ class TorchBackend:
     def open_stages(self) -> dict:
         return {n: TorchStage(self.manifest.path(self.artifact(n)), self.artifact(n)) for n in STAGES}
 
+    def llm_artifact(self) -> dict | None:
+        """``llm_hf/``, loaded in the stages' dtype (it is the export's source copy, not a variant record)."""
+        hf_dir = self.manifest.data["llm"].get("hf_dir")
+        return {"dir": hf_dir, "backend": self.name, "precision": self.precision} if hf_dir else None
+
     def open_decoder(self, embeddings):
         hf_dir = self.manifest.data["llm"].get("hf_dir")
         if not hf_dir:

@@ -88,6 +88,11 @@ class TensorRTBackend(HostBackend):
     def open_stages(self) -> dict:
         return {n: TrtStage(self.manifest.path(self.artifact(n)), self.artifact(n)) for n in STAGES}
 
+    def llm_artifact(self) -> dict | None:
+        from ppllava.runtime.backends.onnxruntime import onnx_llm_record
+
+        return onnx_llm_record(self.manifest, self.options.precision)
+
     def open_decoder(self, embeddings):
         from ppllava.runtime.backends.onnxruntime import open_onnx_llm
 

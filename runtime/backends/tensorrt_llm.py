@@ -37,6 +37,9 @@ class TensorRTLLMBackend(TensorRTBackend):
         self.llm = built[0]
         self.engine_dir = manifest.path(self.llm)
 
+    def llm_artifact(self) -> dict:
+        return self.llm
+
     def open_decoder(self, embeddings):
         # TensorRT-LLM holds the LLM itself: no ONNX copy is opened; only the vocabulary size is read.
         check_identity(self.llm, current_identity(), (("tensorrt", "TensorRT version"), ("gpu", "GPU")),

@@ -35,19 +35,19 @@ class RepoOptions:
     force: bool = False
 
     def check(self) -> None:
-        from ppllava.runtime.backends import get_backend
+        from ppllava.runtime.backends import BackendOptions, get_backend
+        from ppllava.runtime.manifest import Manifest
 
         get_backend(self.backend)  # an unknown name is refused here
+        BackendOptions(threads=self.threads)  # the one threads check the API and the CLI share
         if self.instances < 1:
             raise InputError(f"--instances must be >= 1, got {self.instances}")
         if self.max_batch < 1:
             raise InputError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.queue_delay_us < 0:
             raise InputError(f"--queue-delay-us must be >= 0, got {self.queue_delay_us}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
-        if not (self.engine_dir / "manifest.json").is_file():
-            raise InputError(f"{self.engine_dir} is not an engine dir (no manifest.json); build one with `ppllava export`")
+        # schema, paths and checksums now, in one line, not later in a model's initialize inside the server's log
+        Manifest.load(self.engine_dir)
         for directory in self.allow:
             if not directory.is_dir():
                 raise InputError(f"--allow {directory}: not a directory")
