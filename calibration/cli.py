@@ -46,6 +46,10 @@ def _quantize_requires(args) -> list[tuple[str, str]]:
         return [("torch", "ppllava[export]"), ("onnxruntime_genai", "ppllava[export]")]
     if args.llm:
         return [("torch", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
+    from ppllava.calibration.quantize import resolve_method
+
+    if resolve_method(args.method, args.precision) == "dynamic":  # onnxruntime's own quantizer
+        return [("onnx", "ppllava[export]")]
     return [("onnx", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
 
 
@@ -69,14 +73,18 @@ def cmd_quantize(args) -> int:
               f"held-out prompts — {_verdict(report)}; {where}")
         return 0
     report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
-                             args.precision, progress=_say, enforce_thresholds=not args.no_threshold)
-    print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']}, "
-          f"{report['held_out_clips']} held-out clips)")
+                             args.precision, progress=_say, enforce_thresholds=not args.no_threshold,
+                             method=args.method)
+    print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']} "
+          f"{report['method']}, {report['held_out_clips']} held-out clips)")
     for name in ("features", "text_embedding", "visual_tokens"):
         r = report[name]
         print(f"{name:<16} {r['cosine_mean']:>12.5f} {r['cosine_min']:>11.5f} {r['max_abs_error']:>12.4g}")
     verdict = _verdict(report)
     print(f"threshold: visual-token cosine >= {report['thresholds']['visual_tokens_cosine']} — {verdict}")
+    if not report["below_threshold"] and report["precision"] == "int8":
+        print("ask, chat, bench and serve on onnxruntime (CPU) run these int8 stages by default; "
+              "--precision fp32 runs the exported ones")
     return 0
 
 
@@ -90,7 +98,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("quantize", help="INT8/FP8 Q/DQ stages with NVIDIA ModelOpt, judged on held-out clips")
+    p = sub.add_parser("quantize", help="INT8/FP8 stages (onnxruntime dynamic or ModelOpt Q/DQ) or LLM, judged on held-out data")
     p.add_argument("engine_dir", type=Path)
     p.add_argument("--calib", type=Path, required=True)
     p.add_argument("--stages", help="comma list of vision,text,pool")
@@ -98,6 +106,10 @@ def add_parsers(sub) -> None:
                    help="quantize the language model: a TensorRT-LLM checkpoint, or (ort_*) an onnxruntime-genai "
                         "weight-only ONNX LLM for the CPU path")
     p.add_argument("--precision", default="int8", help="int8 or fp8")
+    p.add_argument("--method", choices=("auto", "dynamic", "qdq"), default="auto",
+                   help="stages: dynamic = onnxruntime per-channel INT8 weights (fastest on the onnxruntime CPU path, "
+                        "no calibration needed); qdq = ModelOpt explicit Q/DQ, calibrated (what build-engines needs for "
+                        "TensorRT); auto = dynamic for int8, qdq for fp8")
     p.add_argument("--no-threshold", action="store_true",
                    help="record the stages even below the accuracy threshold (for latency measurements; marked in the manifest)")
     p.set_defaults(handler=cmd_quantize, requires=_quantize_requires)

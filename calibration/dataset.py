@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
+from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.runtime.preprocess import normalise
 from ppllava.runtime.cache import file_digest
@@ -55,6 +56,12 @@ def list_videos(source: Path) -> list[Path]:
     raise InputError(f"--videos {source} is neither a directory nor a list file")
 
 
+def open_exported(engine_dir: Path) -> Pipeline:
+    """The pipeline on the stages as exported: calibration and the references quantization is
+    judged against never run an earlier quantization's variants (which ``ask`` picks by default)."""
+    return Pipeline.open(engine_dir, precision=Manifest.load(engine_dir).stage("vision").get("precision", "fp32"))
+
+
 def engine_identity(pipe: Pipeline) -> str:
     return pipe.engine_id
 
@@ -65,7 +72,7 @@ def build_calibration_set(
 ) -> dict:
     if not videos:
         raise InputError("no videos to calibrate on")
-    pipe = Pipeline.open(engine_dir)
+    pipe = open_exported(engine_dir)
     pipe.tokenizers.require()
     questions = list(questions or GENERIC_QUESTIONS)
     if not questions:

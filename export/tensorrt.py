@@ -83,10 +83,13 @@ def build_plan(engine_dir: Path, precision: str = "fp16", max_frames: int | None
             flags = ["FP16"]
         else:
             qdq = variant_key("onnxruntime", precision)
-            if manifest.stage_variant(name, qdq) is None:
+            record = manifest.stage_variant(name, qdq)
+            # a record without a method predates dynamic quantization: ModelOpt's Q/DQ
+            if record is None or record.get("method", "qdq") != "qdq":
+                what = "no" if record is None else f"only a {record['method']}-quantized (onnxruntime CPU), not a"
                 raise BuildError(
-                    f"the {name} stage has no {precision} Q/DQ ONNX; run `ppllava quantize {engine_dir} --calib CALIB "
-                    f"--stages {name} --precision {precision}` first"
+                    f"the {name} stage has {what} {precision} Q/DQ ONNX; run `ppllava quantize {engine_dir} --calib CALIB "
+                    f"--stages {name} --precision {precision} --method qdq` first"
                 )
             onnx = manifest.stage_path(name, qdq)
             flags = ["FP16", precision.upper()]  # explicit Q/DQ: TensorRT follows the graph's scales

@@ -80,45 +80,66 @@ def test_calibration_bad_inputs(setup, tmp_path, tiny_dirs):
         build_calibration_set(engine, list_videos(tmp_path / "bad"), tmp_path / "c2", progress=lambda _: None)
 
 
+QUANTIZED_OPS = {"dynamic": ("DynamicQuantizeLinear", "MatMulInteger"), "qdq": ("QuantizeLinear", "DequantizeLinear")}
+
+
 @pytest.mark.numerics
-@needs_modelopt
-def test_int8_stages(setup):
+@pytest.mark.parametrize("method", ["dynamic", pytest.param("qdq", marks=needs_modelopt)])
+def test_int8_stages(setup, method, monkeypatch):
     import shutil
 
-    from ppllava.calibration.quantize import quantize_stages
+    import ppllava.calibration.quantize as quantize
 
     engine, _, calib, _ = setup
-    work = engine.parent / "engine_q"
+    work = engine.parent / f"engine_q_{method}"
     shutil.copytree(engine, work)
     before = (work / "vision.onnx").read_bytes()
     # The threshold's own behaviour is tested below; here a verdict on random tiny weights would only
     # say how the draw fell: the worst visual token of one held-out clip swings between cosine 0.93
     # and 0.999 with the seed, because pooling at temperature 0.01 amplifies INT8 noise in the features.
-    report = quantize_stages(work, calib, ["vision", "text", "pool"], "int8", progress=lambda _: None,
-                             enforce_thresholds=False)
+    report = quantize.quantize_stages(work, calib, ["vision", "text", "pool"], "int8", progress=lambda _: None,
+                                      enforce_thresholds=False, method=method)
+    assert report["method"] == method
     assert (work / "vision.onnx").read_bytes() == before  # the FP stage is untouched
     manifest = Manifest.load(work)
     for stage in ("vision", "text", "pool"):
         ops = [n.op_type for n in onnx.load(str(manifest.stage_path(stage, "onnxruntime:int8"))).graph.node]
-        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, stage
+        assert all(ops.count(op) > 0 for op in QUANTIZED_OPS[method]), (stage, sorted(set(ops)))
+        assert manifest.stage_variant(stage, "onnxruntime:int8")["method"] == method
     manifest.check_files(verify_checksums=True)
     assert manifest.stage_variant("vision", "onnxruntime:int8")["precision"] == "int8"
     saved = json.loads((work / "quant.json").read_text())["stages"]["int8"]
     assert saved["visual_tokens"]["cosine_min"] == report["visual_tokens"]["cosine_min"]
     assert saved["below_threshold"] == (report["visual_tokens"]["cosine_min"] < saved["thresholds"]["visual_tokens_cosine"])
+    # dynamic calibrates on nothing, so every clip is held out; Q/DQ holds out the last fifth
+    assert report["held_out_clips"] == (4 if method == "dynamic" else 1)
     # Really quantized, and not broken: INT8 features stay close on average (a wrong scale or
     # zero point gives cosines near 0), far from the limit whatever the draw (measured 0.9997).
     assert 0.99 <= report["features"]["cosine_mean"] < 1.0 and report["features"]["max_abs_error"] > 0
     assert report["visual_tokens"]["cosine_mean"] >= 0.9
     pipe = Pipeline.open(work, precision="int8")
     assert pipe.stages["vision"].path == manifest.stage_path("vision", "onnxruntime:int8")
+    # by default the int8 stages run where they passed, never where they did not; fp32 opts out
+    assert Pipeline.open(work).stages["vision"].path == (
+        manifest.stage_path("vision") if report["below_threshold"] else manifest.stage_path("vision", "onnxruntime:int8"))
+    assert Pipeline.open(work, precision="fp32").stages["vision"].path == manifest.stage_path("vision")
     # quantizing again replaces the variant: new files recorded, the old ones removed, nothing else left
     first = manifest.stage_path("vision", "onnxruntime:int8")
-    quantize_stages(work, calib, ["vision"], "int8", progress=lambda _: None, enforce_thresholds=False)
+    monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", -1.0)  # a verdict that passes, whatever the draw
+    quantize.quantize_stages(work, calib, ["vision"], "int8", progress=lambda _: None, method=method)
     again = Manifest.load(work)
     again.check_files(verify_checksums=True)
     assert again.stage_path("vision", "onnxruntime:int8") != first and not first.exists()
-    assert sorted(p.name for p in work.parent.iterdir() if p.name.startswith(".engine_q")) == []
+    assert sorted(p.name for p in work.parent.iterdir() if p.name.startswith(f".engine_q_{method}")) == []
+    default = Pipeline.open(work)
+    assert default.stages["vision"].path == again.stage_path("vision", "onnxruntime:int8")
+    assert default.backend.compute_dtype == "int8"
+    from ppllava.runtime.backends import BackendOptions
+    from ppllava.runtime.backends.onnxruntime import OnnxruntimeBackend
+
+    # other providers were not measured with the int8 stages: by default they run the export
+    assert OnnxruntimeBackend(again, BackendOptions(providers=("cuda", "cpu"))).quantized == set()
+    assert OnnxruntimeBackend(again, BackendOptions(providers=("cuda", "cpu"), precision="int8")).quantized == {"vision", "text", "pool"}
     shards = load_shards(calib)[1]
     assert pipe.vision(shards[0]["pixel_values"]).shape == shards[0]["features"].shape
 

@@ -22,6 +22,8 @@ from ppllava.runtime.manifest import Manifest, variant_key
 
 log = logging.getLogger(__name__)
 
+DEFAULT_QUANTIZED = "int8"  # the stage variants run without --precision, where they passed
+
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -29,9 +31,16 @@ PROVIDERS = {
 }
 
 
-def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
-    """An onnxruntime session with the requested providers (each must exist here), quiet logging,
-    and no busy-waiting between runs."""
+def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
+                 spin: bool = False):
+    """An onnxruntime session with the requested providers (each must exist here) and quiet logging.
+
+    ``spin``: intra-op threads busy-wait between the parallel ops of one run, and stop when the run
+    ends (``session.force_spinning_stop``). A decode step is ~180 small ops: waking the workers for
+    each costs more than the step's arithmetic, so the decoder spins. Without the forced stop the
+    workers would keep spinning after a run and steal the cores that video decoding, the next
+    stage or a baseline measured in the same process need; so nothing else spins at all.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -47,9 +56,9 @@ def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int
         chosen.append(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # Spinning intra-op threads would steal the cores that video decoding, the next stage (or a
-    # baseline measured in the same process) need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads = threads
     try:
@@ -103,8 +112,13 @@ class OnnxruntimeBackend(HostBackend):
         self.manifest, self.options = manifest, options
         precision = options.precision
         self.max_frames = int(manifest.dims["max_frames"])
-        self.key = variant_key(self.name, precision) if precision else None
-        self.quantized = {n for n in STAGES if self.key and manifest.stage_variant(n, self.key)}
+        # Without --precision, on the CPU provider, the INT8 stages `ppllava quantize` recorded as
+        # passing their accuracy threshold are the fast path (--precision fp32, the export's
+        # precision, opts out). Other providers were not measured with them: they run the export.
+        self.key = variant_key(self.name, precision or DEFAULT_QUANTIZED)
+        cpu_only = tuple(options.providers) == ("cpu",)
+        self.quantized = {n for n in STAGES if (v := manifest.stage_variant(n, self.key))
+                          and (precision or (cpu_only and not v.get("below_threshold")))}
         if precision and not self.quantized and not manifest.stage_variant("llm", self.key) and all(
             manifest.stage(n).get("precision") != precision for n in STAGES
         ):
@@ -113,7 +127,7 @@ class OnnxruntimeBackend(HostBackend):
         if below:
             log.warning("the %s %s stages were recorded below their accuracy threshold (see quant.json)",
                         precision, ", ".join(below))
-        self.compute_dtype = precision if "vision" in self.quantized else manifest.stage("vision").get("precision", "fp32")
+        self.compute_dtype = (precision or DEFAULT_QUANTIZED) if "vision" in self.quantized else manifest.stage("vision").get("precision", "fp32")
         # quantized features are cached apart from the FP ones, and from an earlier quantization's
         # (each quantize run publishes its files under new names)
         self.cache_key = Path(self.artifact("vision")["file"]).name if "vision" in self.quantized else ""
@@ -172,13 +186,19 @@ class OrtDecoder(StepDecoder):
         self.head_dim = int(decoder["head_size"])
         self.context = int(config["context_length"])
         self.path = llm_dir / decoder.get("filename", "model.onnx")  # the graph this decoder runs
-        self.session = make_session(self.path, providers, threads)
+        self.session = make_session(self.path, providers, threads, spin=True)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
         # (MultiHeadAttention) takes them explicitly.
         self.takes_positions = "position_ids" in inputs
         self.output_names = [o.name for o in self.session.get_outputs()]
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        # An engine exported since the last-position slice (export/llm.py) returns (1, 1, V) logits
+        # in prefill too, so one bound buffer serves every run; an older one returns (1, S, V).
+        self.last_position_only = len(logits.shape) == 3 and logits.shape[1] == 1
+        self.vocab = int(config.get("vocab_size") or logits.shape[2])
+        self.logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
         self.past = None
         self.length = 0
         # In-place KV cache: one fixed (1, kv_heads, context, head_dim) buffer per layer bound as both
@@ -199,32 +219,50 @@ class OrtDecoder(StepDecoder):
         if self.kv_in_place:
             want = min(self.context, -(-(capacity or self.context) // 256) * 256)  # round up to 256
             if not isinstance(self.past, dict) or "binding" not in self.past or self.past["capacity"] < want:
-                shape = (1, self.kv_heads, want, self.head_dim)
-                import onnxruntime
-
-                buffers = {f"{i}.{kv}": onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
-                           for i in range(self.layers) for kv in ("key", "value")}
-                binding = self.session.io_binding()
-                for name, value in buffers.items():
-                    binding.bind_ortvalue_input(f"past_key_values.{name}", value)
-                self.past = {"binding": binding, "buffers": buffers, "capacity": want}
+                self.past = self._bind_in_place(want)
             return
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.dtype)
         self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
 
-    def _forward_in_place(self, embeds: np.ndarray, total: int) -> np.ndarray:
-        binding, buffers = self.past["binding"], self.past["buffers"]
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))  # tokens so far, not the buffer
-        binding.clear_binding_outputs()  # logits change shape between prefill and decode
+    def _bind_in_place(self, capacity: int) -> dict:
+        """One binding for the whole sequence: each layer's (1, kv_heads, capacity, head_dim) buffer
+        bound as both past and present (the builder's GroupQueryAttention graph writes the new
+        positions in place), the attention mask a view of one buffer of ones, and (for a
+        last-position graph) the logits one bound (1, 1, V) buffer read in place. A step then
+        binds only its embedding and the mask's new length."""
+        import onnxruntime
+
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        buffers = {f"{i}.{kv}": onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
+                   for i in range(self.layers) for kv in ("key", "value")}
+        binding = self.session.io_binding()
         for name, value in buffers.items():
+            binding.bind_ortvalue_input(f"past_key_values.{name}", value)
             binding.bind_ortvalue_output(f"present.{name}", value)
-        binding.bind_output("logits")
+        logits = None
+        if self.last_position_only:
+            logits = np.zeros((1, 1, self.vocab), self.logits_dtype)
+            binding.bind_ortvalue_output("logits", onnxruntime.OrtValue.ortvalue_from_numpy(logits))
+        return {"binding": binding, "buffers": buffers, "capacity": capacity, "logits": logits,
+                "mask": np.ones((1, capacity), np.int64)}
+
+    def _forward_in_place(self, embeds: np.ndarray, total: int) -> np.ndarray:
+        past = self.past
+        binding = past["binding"]
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
+        binding.bind_cpu_input("attention_mask", past["mask"][:, :total])  # tokens so far, not the buffer
+        if past["logits"] is None:  # full-sequence logits change shape between prefill and decode
+            binding.clear_binding_outputs()
+            for name, value in past["buffers"].items():
+                binding.bind_ortvalue_output(f"present.{name}", value)
+            binding.bind_output("logits")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime's own exception types
             raise BackendError(f"LLM failed in onnxruntime: {first_line(exc)}") from None
         self.length = total
+        if past["logits"] is not None:
+            return past["logits"][0, -1].astype(np.float32)  # a copy: the buffer is reused next run
         return binding.get_outputs()[-1].numpy()[0, -1].astype(np.float32)
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
