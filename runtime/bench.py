@@ -327,20 +327,30 @@ def report(engine_dir: Path, options: BenchOptions, results: list[BackendResult]
     }
     if len(results) > 1:
         base_name = baseline or first.name
-        this = next(r.name for r in results if r.name != base_name)
-        base, other = data["backends"][base_name]["first_question"], data["backends"][this]["first_question"]
-        ratios = {}
-        for stage in PHASES:
-            a, b = base["stages_ms"].get(stage), other["stages_ms"].get(stage)
-            if a and b and b["median"] > 0:
-                ratios[stage] = a["median"] / b["median"]
-        for key in ("time_to_first_token_ms", "end_to_end_ms", "decode_ms_per_token"):
-            if base.get(key) and other.get(key) and other[key]["median"] > 0:
-                ratios[key.removesuffix("_ms")] = base[key]["median"] / other[key]["median"]
-        data["same_inputs_same_tokens"] = results[0].first_tokens == results[1].first_tokens
+        base_result = next(r for r in results if r.name == base_name)
+        base = data["backends"][base_name]["first_question"]
+        by_run = {}
+        for other_result in results:
+            if other_result.name == base_name:
+                continue
+            this, other = other_result.name, data["backends"][other_result.name]["first_question"]
+            ratios = {}
+            for stage in PHASES:
+                a, b = base["stages_ms"].get(stage), other["stages_ms"].get(stage)
+                if a and b and b["median"] > 0:
+                    ratios[stage] = a["median"] / b["median"]
+            for key in ("time_to_first_token_ms", "end_to_end_ms", "decode_ms_per_token"):
+                if base.get(key) and other.get(key) and other[key]["median"] > 0:
+                    ratios[key.removesuffix("_ms")] = base[key]["median"] / other[key]["median"]
+            by_run[this] = {"meaning": f"{base_name} median / {this} median (> 1: {this} is faster)",
+                            "baseline": base_name, "this": this,
+                            "same_tokens_as_baseline": other_result.first_tokens == base_result.first_tokens,
+                            **{k: round(v, 3) for k, v in ratios.items()}}
+        first_other = next(iter(by_run.values()))
+        data["same_inputs_same_tokens"] = all(r["same_tokens_as_baseline"] for r in by_run.values())
         data["baseline"] = base_name
-        data["ratios"] = {"meaning": f"{base_name} median / {this} median (> 1: {this} is faster)",
-                          "baseline": base_name, "this": this, **{k: round(v, 3) for k, v in ratios.items()}}
+        data["ratios"] = {k: v for k, v in first_other.items() if k != "same_tokens_as_baseline"}  # the first pair
+        data["ratios_by_run"] = by_run  # every run against the baseline
     return data
 
 
@@ -384,22 +394,26 @@ def settings_lines(data: dict) -> list[str]:
         lines.append(f"{name}: precision {precision}; providers {providers}; threads {threads}; on {b['device']}")
     lines.append(f"CPU {m['cpu_model']} ({m['cpu_usable']} of {m['cpu_count']} cores usable); GPU {m['gpu'] or 'none'}; "
                  + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
-    if "ratios" in data:
+    if len(data.get("ratios_by_run") or {}) > 1:
+        lines.append(f"ratio = {data['baseline']} median / the other's median (> 1: the other is faster)")
+    elif "ratios" in data:
         lines.append("ratio = " + data["ratios"]["meaning"])
     return lines
 
 
 def format_table(data: dict) -> str:
     backends = list(data["backends"])
-    ratios = data.get("ratios", {})
+    by_run = data.get("ratios_by_run") or ({data["ratios"]["this"]: data["ratios"]} if "ratios" in data else {})
     lines = [*settings_lines(data), ""]
     lines.append(f"{'stage (ms)':<22}" + "".join(f"{name + ' min/median/p95':>34}" for name in backends)
-                 + (f"   ratio {ratios['baseline']}/{ratios['this']}" if ratios else ""))
+                 + "".join(f"  ratio {r['baseline']}/{this}" for this, r in by_run.items()))
+    widths = [len(f"  ratio {r['baseline']}/{this}") for this, r in by_run.items()]
     for label, found, ratio_key in rows(data):
         cells = [f"{found[n]['min']:>10.2f} {found[n]['median']:>10.2f} {found[n]['p95']:>10.2f}  " if n in found
                  else f"{'-':>34}" for n in backends]
-        ratio = ratios.get(ratio_key) if ratio_key else None
-        lines.append(f"{label:<22}" + "".join(cells) + (f"{ratio:>8.2f}x" if ratio else ""))
+        ratios = [r.get(ratio_key) if ratio_key else None for r in by_run.values()]
+        lines.append(f"{label:<22}" + "".join(cells)
+                     + "".join(f"{x:>{w - 1}.2f}x" if x else " " * w for x, w in zip(ratios, widths)).rstrip())
     for name in backends:
         b = data["backends"][name]
         cold = b["cold"]
@@ -412,6 +426,13 @@ def format_table(data: dict) -> str:
                 lines[-1] += f" ({b['peak_host_own_mib']:+.0f} MiB over the {b['host_baseline_mib']:.0f} MiB before it)"
         if b.get("peak_device_mib"):
             lines[-1] += f"; peak device memory {b['peak_device_mib']:.0f} MiB"
+        if name in by_run:
+            lines[-1] += "; same greedy tokens as " + by_run[name]["baseline"] if by_run[name].get(
+                "same_tokens_as_baseline", True) else "; other greedy tokens than " + by_run[name]["baseline"]
+    if data.get("floors"):
+        from ppllava.runtime.floors import format_lines
+
+        lines += ["", *format_lines(data["floors"])]
     return "\n".join(lines)
 
 
@@ -423,12 +444,15 @@ class Chart:
     settings: list[str]
     rows: list[tuple[str, dict[str, tuple[float, float]]]]  # (label, {backend: (p50, p95)})
     backends: list[str]
+    floors: dict[str, float] = field(default_factory=dict)  # row label -> this machine's floor (ms)
 
 
 def chart(data: dict) -> Chart:
+    floors = {("decode ms/token" if stage == "decode" else stage): f["floor_ms"]
+              for stage, f in (data.get("floors") or {}).get("stages", {}).items()}
     return Chart(f"ppllava bench: {Path(data['engine']).name}", settings_lines(data),
                  [(label, {n: (s["median"], s["p95"]) for n, s in found.items()}) for label, found, _ in rows(data) if found],
-                 list(data["backends"]))
+                 list(data["backends"]), floors)
 
 
 def require_plotting() -> None:
@@ -462,6 +486,12 @@ def draw(c: Chart):
             ax.barh(y, max(p50, floor) - floor, left=floor, height=height * 0.9, color=colors(j), label=name if i == 0 else None)
             ax.errorbar(max(p50, floor), y, xerr=[[0], [max(p95 - p50, 0)]], fmt="none", ecolor="black", capsize=2, lw=0.8)
             ax.text(max(p95, floor) * 1.15, y, f"p50 {p50:.3g} / p95 {p95:.3g} ms", va="center", fontsize="x-small")
+    marked = False
+    for i, (label, _) in enumerate(c.rows):
+        if c.floors.get(label, 0) > 0:  # this machine's floor for the row: a black tick across its bars
+            ax.plot([max(c.floors[label], floor)] * 2, [i - 0.45, i + 0.45], color="black", lw=1.5,
+                    label=None if marked else "floor on this machine")
+            marked = True
     ax.set_xscale("log")
     ax.set_xlim(floor, top * 40)
     ax.set_yticks(range(len(c.rows)), [label for label, _ in c.rows])

@@ -298,30 +298,35 @@ def cmd_bench(args) -> int:
         if path is not None and not path.parent.is_dir():
             raise InputError(f"{path}: the folder {path.parent} does not exist")
     backend = get_backend(args.backend)
+    compare = _compare_list(args.compare)
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
     if args.random_weights:
-        checkpoint, engine_dir = _random_engine(args.random_weights, backend.torch_stages)
-    if args.compare in ("int8", "fp8", "int4"):  # refuse a missing variant before anything is measured
-        backend(Manifest.load(engine_dir), BackendOptions(precision=args.compare))
+        checkpoint, engine_dir = _random_engine(args.random_weights, backend.torch_stages,
+                                                int8_vision=args.backend == "onnxruntime" and not args.no_int8_vision)
+    variants = [c for c in compare if c != "torch"]
+    for precision in variants:  # refuse a missing variant before anything is measured
+        backend(Manifest.load(engine_dir), BackendOptions(precision=precision))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     providers = args.providers  # BackendOptions splits "cuda,cpu"
     memory = bench.HostMemory()  # each backend's window opens before it is: its weights count
     pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
     pipe.tokenizers.require()
     results = [bench.bench_pipeline(pipe, options, say, name=args.backend, memory=memory)]
-    if args.compare in ("int8", "fp8", "int4"):
+    for precision in variants:
         memory = bench.HostMemory()
-        quantized = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
-                                  precision=args.compare)
-        results.append(bench.bench_pipeline(quantized, options, say, name=f"{args.backend}-{args.compare}",
-                                            memory=memory))
-    if args.compare == "torch":
+        variant = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
+                                precision=precision)
+        results.append(bench.bench_pipeline(variant, options, say, name=f"{args.backend}-{precision}", memory=memory))
+        variant.close()
+    if "torch" in compare:
         results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
                                        args.torch_device, say))
-    # ratios are baseline / other: the torch reference, or the unquantized run of --compare int8/fp8/int4
-    baseline = results[-1].name if args.compare == "torch" else results[0].name
+    # ratios are baseline / other: the torch reference where it ran, else the default run
+    baseline = results[-1].name if "torch" in compare else results[0].name
     data = bench.report(engine_dir, options, results, baseline=baseline)
+    if args.floors:
+        data["floors"] = _floors(engine_dir, options, args, data, say)
     print(bench.format_table(data))
     if args.json:
         bench.write_json(data, args.json)
@@ -332,11 +337,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _random_engine(preset: str, torch_stages: bool = False):
+COMPARE = ("torch", "fp32", "fp16", "bf16", "int8", "fp8", "int4")
+
+
+def _compare_list(value: str | None) -> list[str]:
+    """--compare torch,fp32,int4: what runs beside the default, in that order (torch last)."""
+    chosen = [v.strip() for v in (value or "").split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in COMPARE]
+    if unknown:
+        raise InputError(f"--compare takes a comma list of {', '.join(COMPARE)}; got {', '.join(unknown)}")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"--compare names a run twice: {value}")
+    return sorted(chosen, key=lambda v: v == "torch")
+
+
+def _floors(engine_dir, options, args, data: dict, say) -> dict | None:
+    """Each stage's floor on this machine (ppllava.runtime.floors), beside what every backend measured."""
+    from ppllava.runtime import bench, floors
+    from ppllava.runtime.manifest import Manifest
+
+    if not Manifest.load(engine_dir).exported("llm"):
+        say("floors: this engine has no ONNX LLM (exported with --llm none); stage floors only")
+    say("floors: measuring this machine's GEMM rate and memory bandwidth, and profiling the stages' costs")
+    rates = floors.given_rates(args.gemm_gflops, args.bandwidth_gbs, lambda: floors.measure_rates(args.threads))
+    video = options.video if options.video is not None else bench.synthetic_frames(options.synthetic_frames, seed=options.seed)
+    costs = floors.stage_costs(engine_dir, video, bench.QUESTIONS[0], options.frames if options.video else None,
+                               options.tokens, args.threads, options.max_new_tokens)
+    return floors.report(costs, rates, data["backends"])
+
+
+def _random_engine(preset: str, torch_stages: bool = False, int8_vision: bool = False):
     """Random-weight engines are built by the export side (torch), lazily and only on request."""
     from ppllava.export.bench_support import random_engine
 
-    return random_engine(preset, report=lambda line: print(line, file=sys.stderr, flush=True), torch_stages=torch_stages)
+    return random_engine(preset, report=lambda line: print(line, file=sys.stderr, flush=True), torch_stages=torch_stages,
+                         int8_vision=int8_vision)
 
 
 def _torch_baseline(checkpoint, pipe, options, device, say):
@@ -427,8 +462,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--providers", default="cpu")
     p.add_argument("--threads", type=int)
-    p.add_argument("--compare", choices=("torch", "int8", "fp8", "int4"),
-                   help="also run the PyTorch reference (eager), or the quantized stages, on the same inputs")
+    p.add_argument("--compare", help="comma list of what else runs on the same inputs: torch (the PyTorch reference, "
+                   "eager; the ratios' baseline), fp32/fp16/bf16 (the exported stages, without the int8 ones run by "
+                   "default), int8, fp8, int4 (recorded variants); e.g. --compare fp32,torch")
+    p.add_argument("--no-floors", dest="floors", action="store_false",
+                   help="skip measuring this machine's GEMM rate and bandwidth and each stage's floor")
+    p.add_argument("--gemm-gflops", type=float, help="this machine's fp32 GEMM rate for the floors (default: measured)")
+    p.add_argument("--bandwidth-gbs", type=float, help="this machine's memory bandwidth for the floors (default: measured)")
+    p.add_argument("--no-int8-vision", action="store_true",
+                   help="--random-weights: do not build the int8 (dynamic) vision variant that ask runs by default")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --compare torch (default: the manifest's source)")
     p.add_argument("--torch-device", default="cpu", help="device for the torch baseline (cpu, cuda)")
     p.add_argument("--random-weights", choices=("small", "vicuna-7b", "qwen2-7b"),
@@ -437,5 +479,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", type=Path, help="write a PNG chart: per stage p50 and p95 of each backend, with the "
                    "settings and the machine")
     p.set_defaults(handler=cmd_bench, requires=lambda a: (
-        [("torch", "ppllava[export]")] if a.random_weights or a.compare == "torch" else [])
+        [("torch", "ppllava[export]")] if a.random_weights or "torch" in (a.compare or "").split(",") else [])
         + ([("matplotlib", "ppllava[bench]")] if a.plot else []))

@@ -31,8 +31,8 @@ PROVIDERS = {
 }
 
 
-def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
-                 spin: bool = False):
+def make_session(path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
+                 spin: bool = False, profile: Path | None = None):
     """An onnxruntime session with the requested providers (each must exist here) and quiet logging.
 
     ``spin``: intra-op threads busy-wait between the parallel ops of one run, and stop when the run
@@ -40,6 +40,10 @@ def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int
     each costs more than the step's arithmetic, so the decoder spins. Without the forced stop the
     workers would keep spinning after a run and steal the cores that video decoding, the next
     stage or a baseline measured in the same process need; so nothing else spins at all.
+
+    ``profile``: write onnxruntime's per-node profile (op, shapes, weight bytes) under this file
+    prefix until ``session.end_profiling()`` (``ppllava.runtime.floors`` reads it). ``path`` may be
+    the bytes of a model.
     """
     try:
         import onnxruntime as ort
@@ -61,8 +65,12 @@ def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int
         options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads = threads
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=options,
+                                    providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
         raise BackendError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
 
@@ -70,8 +78,9 @@ def make_session(path: Path, providers: tuple[str, ...] = ("cpu",), threads: int
 class OrtStage:
     """One ONNX stage in an onnxruntime InferenceSession."""
 
-    def __init__(self, path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
-        self.session = make_session(path, providers, threads)
+    def __init__(self, path: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
+                 profile: Path | None = None):
+        self.session = make_session(path, providers, threads, profile=profile)
         self.path = path
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
@@ -107,6 +116,7 @@ class OnnxruntimeBackend(HostBackend):
     and the ONNX LLM (or its ``--precision`` variant), on the requested execution providers."""
 
     name = "onnxruntime"
+    profile_dir: Path | None = None  # set before opening: every session writes an onnxruntime profile there
 
     def __init__(self, manifest: Manifest, options: BackendOptions = BackendOptions()):
         self.manifest, self.options = manifest, options
@@ -137,15 +147,19 @@ class OnnxruntimeBackend(HostBackend):
             return self.manifest.stage_variant(stage, self.key)
         return self.manifest.stage(stage)
 
+    def _profile(self, name: str) -> Path | None:
+        return None if self.profile_dir is None else Path(self.profile_dir) / name
+
     def open_stages(self) -> dict:
-        return {n: OrtStage(self.manifest.path(self.artifact(n)), self.options.providers, self.options.threads)
+        return {n: OrtStage(self.manifest.path(self.artifact(n)), self.options.providers, self.options.threads,
+                            profile=self._profile(n))
                 for n in STAGES}
 
     def llm_artifact(self) -> dict | None:
         return onnx_llm_record(self.manifest, self.options.precision)
 
     def open_decoder(self, embeddings):
-        return open_onnx_llm(self.manifest, self.options, embeddings)
+        return open_onnx_llm(self.manifest, self.options, embeddings, profile=self._profile("llm"))
 
     def device(self) -> DeviceInfo:
         providers = self.options.providers
@@ -161,13 +175,13 @@ def onnx_llm_record(manifest: Manifest, precision: str | None) -> dict | None:
     return variant or manifest.stage("llm")
 
 
-def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings):
+def open_onnx_llm(manifest: Manifest, options: BackendOptions, embeddings, profile: Path | None = None):
     """An ``OrtDecoder`` on ``onnx_llm_record``, or None."""
     record = onnx_llm_record(manifest, options.precision)
     if record is None:
         return None
     return OrtDecoder(manifest.path(record), options.providers, options.threads, kv_in_place=True,
-                      embed_tokens=embeddings())
+                      embed_tokens=embeddings(), profile=profile)
 
 
 class OrtDecoder(StepDecoder):
@@ -175,7 +189,7 @@ class OrtDecoder(StepDecoder):
     (the engine's embedding table) embeds the tokens it is fed one by one."""
 
     def __init__(self, llm_dir: Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
-                 kv_in_place: bool = False, embed_tokens: np.ndarray | None = None):
+                 kv_in_place: bool = False, embed_tokens: np.ndarray | None = None, profile: Path | None = None):
         try:
             config = json.loads((llm_dir / "genai_config.json").read_text())["model"]
             decoder = config["decoder"]
@@ -186,7 +200,7 @@ class OrtDecoder(StepDecoder):
         self.head_dim = int(decoder["head_size"])
         self.context = int(config["context_length"])
         self.path = llm_dir / decoder.get("filename", "model.onnx")  # the graph this decoder runs
-        self.session = make_session(self.path, providers, threads, spin=True)
+        self.session = make_session(self.path, providers, threads, spin=True, profile=profile)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one

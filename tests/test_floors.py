@@ -1,0 +1,103 @@
+"""Hardware floors in ppllava bench: the machine rates, each stage's FLOPs and bytes from
+onnxruntime's profile, and measured / floor in the report.
+
+Guards against floors that cannot be wrong: FLOPs counted from shapes are checked against the
+arithmetic of the LLM's own dimensions, weight bytes against its weights file, and the ratios
+against the medians they divide."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ppllava.runtime import floors
+from ppllava.runtime.backends.onnxruntime import make_session
+
+
+def test_embedded_matmul_model_is_the_one_onnx_builds():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", "K"]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, ["K", "N"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", "N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ppllava")
+    model.ir_version = 8
+    assert onnx.load_from_string(floors.MATMUL_ONNX) == model
+    x, w = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(make_session(floors.MATMUL_ONNX).run(None, {"X": x, "W": w})[0], x @ w)
+
+
+def test_node_flops():
+    assert floors.node_flops("MatMul", [[2, 8, 16], [16, 32]], [[2, 8, 32]]) == 2 * 2 * 8 * 16 * 32
+    assert floors.node_flops("MatMulInteger", [[8, 16], [16, 32], [], []], [[8, 32]]) == 2 * 8 * 16 * 32
+    # Conv: every output element is a (Cin/groups) x kh x kw dot product
+    assert floors.node_flops("Conv", [[1, 3, 28, 28], [64, 3, 14, 14], [64]], [[1, 64, 2, 2]]) == 2 * 64 * 4 * 3 * 14 * 14
+    assert floors.node_flops("Add", [[4, 4], [4, 4]], [[4, 4]]) == 0.0
+
+
+def test_rates_are_measured_and_flags_override():
+    rates = floors.measure_rates(threads=1, repeat=2)
+    assert rates.gemm_gflops > 0.5 and rates.bandwidth_gbs > 0.1 and "measured" in rates.source
+    given = floors.given_rates(100.0, None, lambda: rates)
+    assert given.gemm_gflops == 100.0 and given.bandwidth_gbs == rates.bandwidth_gbs and "GEMM rate given" in given.source
+    both = floors.given_rates(100.0, 20.0, lambda: pytest.fail("nothing to measure when both are given"))
+    assert (both.gemm_gflops, both.bandwidth_gbs) == (100.0, 20.0)
+    with pytest.raises(floors.InputError, match="--bandwidth-gbs must be > 0"):
+        floors.given_rates(None, 0.0, lambda: rates)
+
+
+def test_stage_costs_follow_the_models_arithmetic(tiny_engine):
+    engine = tiny_engine("vicuna")
+    from ppllava.runtime.bench import synthetic_frames
+
+    costs = floors.stage_costs(engine, synthetic_frames(4, size=64), "What happens?", None, None, 1, new_tokens=4)
+    assert set(costs) == {"vision", "text", "pool", "prefill", "decode"}
+    config = json.loads((engine / "llm" / "genai_config.json").read_text())["model"]
+    hidden, vocab = config["decoder"]["hidden_size"], config["vocab_size"]
+    weights = sum(p.stat().st_size for p in (engine / "llm").glob("model.onnx*"))
+    step = costs["decode"]
+    # a step reads every weight of the graph once (the embeddings are outside it): the file's bytes
+    assert 0.9 * weights <= step["weight_bytes"] <= 1.05 * weights
+    # and multiplies each by one token: 2 FLOPs per weight, attention on top
+    assert 0.9 * 2 * step["weight_bytes"] / 4 <= step["flops"] <= 1.5 * 2 * step["weight_bytes"] / 4
+    # prefill: the same weights times the prompt's positions, except lm_head, which sees the last one
+    prefill = costs["prefill"]
+    assert prefill["weight_bytes"] == step["weight_bytes"]
+    positions = (prefill["flops"] - 2 * hidden * vocab) / (step["flops"] - 2 * hidden * vocab)
+    assert positions > 8  # a prompt of many positions, counted as many
+    assert costs["vision"]["flops"] > 0 and costs["vision"]["weight_bytes"] > 0
+    rates = floors.Rates(10.0, 1.0, "given")
+    table = floors.floors_ms(costs, rates)
+    for stage, f in table.items():
+        assert f["floor_ms"] == max(f["compute_ms"], f["memory_ms"]) > 0
+        assert f["compute_ms"] == pytest.approx(costs[stage]["flops"] / 1e10 * 1e3)
+
+
+def test_bench_reports_floors_beside_every_run(tiny_engine, tmp_path):
+    engine = tiny_engine("vicuna")
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "bench", str(engine), "--synthetic-frames", "4",
+                        "--repeat", "1", "--warmup", "0", "--max-new-tokens", "3", "--compare", "fp32",
+                        "--gemm-gflops", "50", "--bandwidth-gbs", "10", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["backends"]) == {"onnxruntime", "onnxruntime-fp32"}
+    assert data["floors"]["rates"] == {"gemm_gflops": 50.0, "bandwidth_gbs": 10.0,
+                                       "source": "given (--gemm-gflops, --bandwidth-gbs)"}
+    decode = data["floors"]["stages"]["decode"]
+    for name, block in data["backends"].items():
+        measured = block["first_question"]["decode_ms_per_token"]["median"]
+        assert decode["measured_over_floor"][name] == pytest.approx(measured / decode["floor_ms"])
+        vision = data["floors"]["stages"]["vision"]
+        assert vision["measured_over_floor"][name] == pytest.approx(
+            block["first_question"]["stages_ms"]["vision"]["median"] / vision["floor_ms"])
+    assert "floors: fp32 GEMM 50 GFLOP/s" in r.stdout and "decode per token" in r.stdout
+    assert "onnxruntime-fp32 / floor" in r.stdout
