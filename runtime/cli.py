@@ -38,7 +38,9 @@ def _common(p) -> None:
     p.add_argument("--providers", default="cpu", help="onnxruntime providers in order, e.g. cuda,cpu")
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
     p.add_argument("--precision", help="the recorded variant to run: quantized stages or LLM (int8, fp8, int4) on "
-                   "onnxruntime, plan precision on tensorrt (default fp16), compiled dtype on torch")
+                   "onnxruntime (default there, on the CPU provider: the int8 stages that passed `ppllava quantize`'s "
+                   "threshold; fp32 runs the exported ones), plan precision on tensorrt (default fp16), compiled "
+                   "dtype on torch")
     p.add_argument("--cache-dir", type=Path, help="where vision features persist between runs (default: "
                    "$PPLLAVA_CACHE_DIR/features or ~/.cache/ppllava/features)")
     p.add_argument("--cache-size", type=float, default=4.0, help="disk cache cap in GiB (default 4)")
