@@ -23,7 +23,8 @@ IMAGE_TOKEN = "<image>"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PPLLAVA_CACHE", "~/.cache/ppllava")).expanduser() / "smollm2-135m-instruct-hf"
+    # "-2": built with SmolLM2's own BOS/EOS settings (a cache from before is not reused)
+    return Path(os.environ.get("PPLLAVA_CACHE", "~/.cache/ppllava")).expanduser() / "smollm2-135m-instruct-hf-2"
 
 
 def gguf_path() -> Path:
@@ -46,6 +47,11 @@ def smollm2_hf_dir() -> Path:
     source = gguf_path()
     log.info("converting %s (about 30 s, once)", source)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    # As the GGUF's own metadata says (tokenizer.ggml.add_bos_token = false, eos = <|im_end|>), where
+    # transformers' GGUF loader prepends <|im_start|> to every encoding and calls it the EOS: with
+    # those, llama.cpp's converter cannot recognise the tokenizer of the engine's llm_hf/.
+    tokenizer.add_bos_token = False
+    tokenizer.eos_token = "<|im_end|>"
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     model = LlamaForCausalLM(gguf_model.config)  # a plain model, free of GGUF loading state

@@ -70,7 +70,9 @@ def test_precision_picks_the_variant_sizes(work):
     assert int4.weights["llm"] == 6_000 and int4.weights["vision"] == fp.weights["vision"]
     int8 = memory_estimate(work, DoctorOptions(precision="int8"), runtime=0)
     assert int8.weights["vision"] == 777 and int8.weights["llm"] == fp.weights["llm"]  # no int8 LLM: the FP one runs
-    assert memory_estimate(work, runtime=0).weights == fp.weights
+    # by default the passing int8 stage runs on the CPU (as ask runs it); --precision fp32 opts out
+    assert memory_estimate(work, runtime=0).weights == int8.weights
+    assert memory_estimate(work, DoctorOptions(precision="fp32"), runtime=0).weights == fp.weights
 
 
 def test_kv_cache_from_genai_config(work):

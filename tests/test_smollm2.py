@@ -113,3 +113,47 @@ def test_llm_weights_are_real(smol):
         answers[question] = tokenizer.decode(out[0, text.shape[1]:].tolist())
     assert "Paris" in answers[QUESTIONS[0]], answers
     assert "8" in answers[QUESTIONS[1]] or "eight" in answers[QUESTIONS[1]].lower(), answers
+
+
+def _smollm2_gguf_fields():
+    """The tokenizer SmolLM2's own GGUF (the demo LLM's source) declares, as {key: value}."""
+    from gguf import GGUFReader
+
+    from ppllava.smollm import gguf_path
+
+    fields = GGUFReader(str(gguf_path())).fields
+    return {k: fields[k].contents() for k in fields if k.startswith("tokenizer.ggml.")}
+
+
+def test_llm_hf_tokenizer_is_smollm2s(smol):
+    """Guards against llm_hf/ tokenizer files that llama.cpp's converter reads as another tokenizer:
+    transformers appended "<s>", "</s>", "<unk>" to a tokenizer config without class or strings
+    (the GGUF then had 49,156 tokens for 49,153 embedding rows and llama.cpp refused to load it),
+    and a byte-level BPE carrying SentencePiece markers was converted as a SentencePiece vocabulary.
+    Checked against the engine's tokenizer and against SmolLM2's own GGUF, where it came from."""
+    import json
+
+    from test_llm_interop import TEXTS, check_llm_hf_tokenizer
+
+    _, engine = smol
+    tokenizer, config = check_llm_hf_tokenizer(engine, TEXTS + ["<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n"])
+    assert len(tokenizer) == config["vocab_size"] == 49153, (len(tokenizer), config["vocab_size"])  # + <image>
+    spec = json.loads((engine / "llm_hf" / "tokenizer.json").read_text())
+    # llama.cpp's converter takes BPE with byte fallback and a Sequence decoder for SentencePiece
+    assert not spec["model"].get("byte_fallback") and spec["decoder"]["type"] == "ByteLevel", spec["decoder"]
+    gguf = _smollm2_gguf_fields()
+    assert gguf["tokenizer.ggml.model"] == "gpt2"
+    assert tokenizer.convert_ids_to_tokens(list(range(49152))) == gguf["tokenizer.ggml.tokens"]
+    assert [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]] == gguf["tokenizer.ggml.merges"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        gguf["tokenizer.ggml.bos_token_id"], gguf["tokenizer.ggml.eos_token_id"], gguf["tokenizer.ggml.unknown_token_id"])
+
+
+def test_llm_hf_tokenizer_adds_no_bos_as_smollm2(smol):
+    """Guards against a tokenizer that prepends a token SmolLM2's does not (llama.cpp's converter
+    identifies a BPE pre-tokenizer by the ids of a probe text, BOS included)."""
+    import json
+
+    _, engine = smol
+    settings = json.loads((engine / "llm_hf" / "tokenizer_config.json").read_text())
+    assert settings["add_bos_token"] == _smollm2_gguf_fields()["tokenizer.ggml.add_bos_token"]

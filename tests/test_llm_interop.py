@@ -1,0 +1,127 @@
+"""An engine's LLM loads in the tools people already use: ``llm_hf/`` as transformers' AutoTokenizer
+reads it (so do onnxruntime-genai's builder and llama.cpp's convert_hf_to_gguf.py), ``llm/`` in
+onnxruntime-genai's own ``og.Model``. llama.cpp itself is not needed here; test_smollm2.py checks a
+real tokenizer the same way, and benchmarks/llamacpp_decode.py converts one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ppllava.runtime.manifest import Manifest
+
+# Runs of whitespace, digits, emoji, CJK, accents, a control token typed as text, a lone "▁"
+TEXTS = ["Hello world!", "  two  spaces\tand a tab\n\nnew lines", "3.14159 and 1,000,000 and 2026-12-01",
+         "🚀 emoji 😶‍🌫️ and 我想在apple工作", "café naïve Ελληνικά нещо", "<s> typed </s>", "▁ lone marker ▁x"]
+VARIANTS = ("vicuna", "qwen")
+
+
+def engine_tokenizer(engine):
+    from tokenizers import Tokenizer
+
+    manifest = Manifest.load(engine)
+    return Tokenizer.from_file(str(engine / manifest.data["llm"]["tokenizer"])), engine / manifest.data["llm"]["hf_dir"]
+
+
+def check_llm_hf_tokenizer(engine, texts=TEXTS):
+    """What a tool reading llm_hf/ gets is the engine's tokenizer: the same ids and text for every
+    input, and no token past the embedding table. Returns (AutoTokenizer, config.json)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ours, hf_dir = engine_tokenizer(engine)
+    config = json.loads((hf_dir / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    # a model-specific class (LlamaTokenizerFast) appends its default "<s>", "</s>", "<unk>" as new tokens
+    assert type(tokenizer) is PreTrainedTokenizerFast, type(tokenizer)
+    assert len(tokenizer) == ours.get_vocab_size(with_added_tokens=True), (len(tokenizer), ours.get_vocab_size())
+    assert max(tokenizer.get_vocab().values()) < config["vocab_size"], (len(tokenizer), config["vocab_size"])
+    for text in texts:
+        for special in (True, False):
+            want = ours.encode(text, add_special_tokens=special).ids
+            got = tokenizer(text, add_special_tokens=special)["input_ids"]
+            assert got == want, (text, special, got, want)
+        for skip in (True, False):
+            assert tokenizer.decode(want, skip_special_tokens=skip) == ours.decode(want, skip_special_tokens=skip), text
+    settings = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    for kind in ("bos", "eos", "unk", "pad"):  # named by strings the tokenizer holds, never invented ones
+        if f"{kind}_token" in settings:
+            assert ours.token_to_id(settings[f"{kind}_token"]) is not None, (kind, settings[f"{kind}_token"])
+    assert json.loads((hf_dir / "special_tokens_map.json").read_text()) == {
+        k: v for k, v in settings.items() if k.removesuffix("_token") in ("bos", "eos", "unk", "pad")}
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    eos = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
+    assert tokenizer.eos_token_id in eos, (tokenizer.eos_token, eos)
+    return tokenizer, config
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_llm_hf_tokenizer_is_the_engines(tiny_engine, variant):
+    """Guards against llm_hf/ tokenizer files that other tools read as another tokenizer (a
+    tokenizer config without class or token strings made transformers append three tokens past
+    the embedding table, which llama.cpp's converter then wrote into the GGUF)."""
+    tokenizer, config = check_llm_hf_tokenizer(tiny_engine(variant))
+    assert tokenizer.bos_token_id in (None, config.get("bos_token_id")), (tokenizer.bos_token, config.get("bos_token_id"))
+
+
+def _spm_styled(tokenizer_json: dict) -> dict:
+    """The form transformers' GGUF loader gives a byte-level BPE: byte fallback on, SentencePiece decoder."""
+    spm = json.loads(json.dumps(tokenizer_json))
+    spm["model"]["byte_fallback"] = True
+    spm["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        spm["decoder"]]}
+    return spm
+
+
+def test_byte_level_form_changes_nothing_it_can_see(tiny_engine):
+    """Guards against rewriting a tokenizer that then encodes or decodes differently: the inert
+    byte-fallback/SentencePiece steps go only where they provably cannot act."""
+    from tokenizers import Tokenizer
+
+    from ppllava.export.llm import byte_level_form
+
+    ours, _ = engine_tokenizer(tiny_engine("vicuna"))
+    plain = json.loads(ours.to_str())
+    spm = _spm_styled(plain)
+    rewritten = byte_level_form(spm)
+    assert rewritten is not spm and not rewritten["model"]["byte_fallback"] and rewritten["decoder"] == plain["decoder"]
+    before, after = Tokenizer.from_str(json.dumps(spm)), Tokenizer.from_str(json.dumps(rewritten))
+    for text in TEXTS:
+        ids = before.encode(text).ids
+        assert after.encode(text).ids == ids and after.decode(ids, skip_special_tokens=False) == before.decode(
+            ids, skip_special_tokens=False), text
+    assert byte_level_form(plain) is plain  # already plain
+    with_piece = json.loads(json.dumps(spm))  # a byte piece the ByteFallback decoder would turn into "A"
+    with_piece["model"]["vocab"]["<0x41>"] = max(with_piece["model"]["vocab"].values()) + 1
+    assert byte_level_form(with_piece) is with_piece
+    spaced = json.loads(json.dumps(spm))  # a token ByteLevel keeps verbatim: fusing changes what it decodes
+    spaced["added_tokens"].append({**spaced["added_tokens"][-1], "id": spaced["added_tokens"][-1]["id"] + 1,
+                                   "content": "<two words>"})
+    assert byte_level_form(spaced) is spaced
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_llm_loads_in_onnxruntime_genai(tiny_engine, variant):
+    """Guards against an llm/ directory onnxruntime-genai's own Model refuses (the builder once
+    wrote an end-of-sequence id past the vocabulary into genai_config.json) or whose tokenizer it
+    reads as another one."""
+    og = pytest.importorskip("onnxruntime_genai")
+    engine = tiny_engine(variant)
+    config = json.loads((engine / "llm" / "genai_config.json").read_text())["model"]
+    ids = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
+    assert ids and all(0 <= i < config["vocab_size"] for i in ids), (ids, config["vocab_size"])
+    model = og.Model(str(engine / "llm"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8)
+    try:  # our graph takes inputs_embeds, which og's plain Generator does not feed: only its config checks matter
+        og.Generator(model, params)
+    except RuntimeError as exc:
+        assert "eos_token_id" not in str(exc), exc
+    ours, _ = engine_tokenizer(engine)
+    tokenizer = og.Tokenizer(model)  # the builder's copy of llm_hf's tokenizer files, read by og's own tokenizer
+    for text in TEXTS:
+        want = ours.encode(text).ids
+        assert [int(i) for i in tokenizer.encode(text)] == want, text
+        assert tokenizer.decode(want) == ours.decode(want, skip_special_tokens=True), text
