@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from genai import genai_model
 from ppllava.runtime.manifest import Manifest
 
 # Runs of whitespace, digits, emoji, CJK, accents, a control token typed as text, a lone "▁"
@@ -107,18 +108,8 @@ def test_engine_llm_loads_in_onnxruntime_genai(tiny_engine, variant):
     """Guards against an llm/ directory onnxruntime-genai's own Model refuses (the builder once
     wrote an end-of-sequence id past the vocabulary into genai_config.json) or whose tokenizer it
     reads as another one."""
-    og = pytest.importorskip("onnxruntime_genai")
     engine = tiny_engine(variant)
-    config = json.loads((engine / "llm" / "genai_config.json").read_text())["model"]
-    ids = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
-    assert ids and all(0 <= i < config["vocab_size"] for i in ids), (ids, config["vocab_size"])
-    model = og.Model(str(engine / "llm"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=8)
-    try:  # our graph takes inputs_embeds, which og's plain Generator does not feed: only its config checks matter
-        og.Generator(model, params)
-    except RuntimeError as exc:
-        assert "eos_token_id" not in str(exc), exc
+    og, model, _ = genai_model(engine)
     ours, _ = engine_tokenizer(engine)
     tokenizer = og.Tokenizer(model)  # the builder's copy of llm_hf's tokenizer files, read by og's own tokenizer
     for text in TEXTS:
