@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ppllava.alignment_config import KEEP, PRESETS, AlignmentConfig, extended_length, resolve_alignment_config
 from ppllava.attention import register_prescaled_eager
+from ppllava.encoder import run_layer
 
 __all__ = [
-    "KEEP", "PRESETS", "AlignmentConfig", "ExtendedTextEmbeddings", "build_text_tower", "extend_position_table",
-    "extended_length", "resolve_alignment_config",
+    "KEEP", "PRESETS", "AlignmentConfig", "AlignmentTextTower", "ExtendedTextEmbeddings", "build_text_tower",
+    "extend_position_table", "extended_length", "resolve_alignment_config",
 ]
 
 
@@ -63,15 +65,72 @@ class ExtendedTextEmbeddings(nn.Module):
         return inputs_embeds + positions.to(inputs_embeds.dtype)
 
 
-def build_text_tower(config: AlignmentConfig, attn_implementation: str) -> nn.Module:
-    """transformers' CLIP/SigLIP text transformer with the extended embeddings swapped in."""
-    from transformers.models.clip.modeling_clip import CLIPTextTransformer
-    from transformers.models.siglip.modeling_siglip import SiglipTextTransformer
+class AlignmentTextTower(nn.Module):
+    """The CLIP / SigLIP text transformer as upstream ran it (transformers 4.x's
+    ``CLIPTextTransformer`` / ``SiglipTextTransformer``): extended embeddings, transformers' encoder,
+    final LayerNorm, then the pooled token (CLIP: the end-of-text token; SigLIP: the last position,
+    through ``head``). Parameter names are those classes', so upstream checkpoints load as they are.
 
+    Assembled here because transformers 5 folded those classes into ``PreTrainedModel``s whose mask
+    builder returns no mask at all for a custom attention function such as ours: CLIP's tower would
+    silently run without its causal mask. The masks are built as 4.x built them: additive float,
+    causal (CLIP) plus padding where ``attention_mask`` is 0.
+    """
+
+    def __init__(self, hf_config, kind: str, positions: int):
+        super().__init__()
+        from transformers.models.clip.modeling_clip import CLIPEncoder
+        from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+        self.config = hf_config
+        self.kind = kind
+        self.embeddings = ExtendedTextEmbeddings(hf_config.vocab_size, hf_config.hidden_size, positions)
+        self.encoder = (CLIPEncoder if kind == "clip" else SiglipEncoder)(hf_config)
+        self.final_layer_norm = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_eps)
+        if kind == "siglip":
+            self.head = nn.Linear(hf_config.hidden_size, hf_config.projection_size)
+        self.eos_token_id = hf_config.eos_token_id
+
+    def mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, L, L) additive mask, finfo.min where a query may not look; None when nothing is hidden."""
+        B, L = hidden.shape[:2]
+        low = torch.finfo(hidden.dtype).min
+        mask = None
+        if self.kind == "clip":
+            positions = torch.arange(L, device=hidden.device)
+            later = positions[None, :] > positions[:, None]  # (L, L): key after query
+            mask = torch.zeros(L, L, dtype=hidden.dtype, device=hidden.device).masked_fill(later, low)[None, None]
+        if attention_mask is not None:
+            padding = (attention_mask == 0)[:, None, None, :]  # (B, 1, 1, L)
+            pad = torch.zeros(B, 1, L, L, dtype=hidden.dtype, device=hidden.device).masked_fill(padding, low)
+            mask = pad if mask is None else pad + mask  # summed as 4.x's CLIPAttention sums them
+        return mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> BaseModelOutputWithPooling:
+        """(B, L) ids and optional (B, L) 0/1 mask -> last hidden state (B, L, C) and pooled (B, C')."""
+        hidden = self.embeddings(input_ids=input_ids)  # (B, L, C)
+        mask = self.mask(hidden, attention_mask)
+        for layer in self.encoder.layers:
+            hidden = run_layer(layer, hidden, mask)
+        hidden = self.final_layer_norm(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.kind == "siglip":
+            pooled = self.head(hidden[:, -1, :])  # SigLIP tokenizes with a trailing end-of-text
+        elif self.eos_token_id == 2:
+            # CLIP configs from before transformers PR #24773 carry eos 2: the end-of-text token is the
+            # highest id in the sequence (int32 argmax, as transformers does for ONNX's opset 14)
+            pooled = hidden[rows, input_ids.to(dtype=torch.int, device=hidden.device).argmax(dim=-1)]
+        else:
+            pooled = hidden[rows, (input_ids.to(dtype=torch.int, device=hidden.device) == self.eos_token_id)
+                            .int().argmax(dim=-1)]
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def build_text_tower(config: AlignmentConfig, attn_implementation: str) -> nn.Module:
+    """The alignment text tower with the extended embeddings."""
     hf_config = config.hf_text_config()
     # Upstream builds the CLIP text tower directly (not through from_pretrained), which gave it the
     # eager attention of its transformers release; SigLIP's got SDPA. See ppllava/attention.py.
     hf_config._attn_implementation = register_prescaled_eager() if config.kind == "clip" else attn_implementation
-    tower = (CLIPTextTransformer if config.kind == "clip" else SiglipTextTransformer)(hf_config)
-    tower.embeddings = ExtendedTextEmbeddings(hf_config.vocab_size, hf_config.hidden_size, config.positions)
-    return tower
+    return AlignmentTextTower(hf_config, config.kind, config.positions)

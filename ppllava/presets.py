@@ -65,8 +65,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_random_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint (with tokenizers) at the preset's shapes."""
+def build_random_checkpoint(preset: str, out: Path, seed: int = 0, device=None) -> Path:
+    """Write a random-weight checkpoint (with tokenizers) at the preset's shapes. ``device``: where
+    the weights are drawn (``random_state_dict``; default the portable CPU generator)."""
     import torch
 
     from ppllava.tiny import random_state_dict, write_checkpoint
@@ -82,7 +83,7 @@ def build_random_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
     alignment["vision_config"] = dict(config["vision_config"])
     dtype = getattr(torch, spec.get("dtype", "float32"))
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    state = random_state_dict(config, alignment, seed, dtype=dtype)  # converted tensor by tensor
+    state = random_state_dict(config, alignment, seed, dtype=dtype, device=device)  # converted tensor by tensor
     write_checkpoint(out, config, alignment, seed, state=state)
     vocab = int(config["text_config"]["vocab_size"])
     eos = int(config["text_config"].get("eos_token_id", 2))

@@ -133,9 +133,14 @@ def tiny_configs(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: int, skip: tuple[str, ...] = (),
-                      dtype=None) -> dict:
+                      dtype=None, device=None) -> dict:
     """Seeded random weights with the shapes the config implies, in upstream key names (keys
-    starting with a ``skip`` prefix are left out, for weights that come from elsewhere)."""
+    starting with a ``skip`` prefix are left out, for weights that come from elsewhere), on the CPU.
+
+    ``device`` (e.g. ``"cuda"``): draw with torch's generator on that device instead of the portable
+    one. numpy's scalar sampler takes ~10 minutes for a 7B model; a GPU takes a second. Those values
+    depend on the device and its kernels (``ppllava.seeded`` says why), so use it where only shapes
+    matter (timing), never for anything compared across machines."""
     import torch
 
     from ppllava.alignment import AlignmentConfig, extend_position_table
@@ -146,10 +151,17 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
     alignment_config = AlignmentConfig.from_dict(alignment, "tiny alignment config")
     model = PPLLaVA.build_empty(cfg, alignment_config)
     tied = bool(model.language_model.config.tie_word_embeddings)
-    gen = Seeded(seed)
+    if device is None:
+        gen = Seeded(seed)
 
-    def randn(*shape, std=1.0, mean=0.0, dtype=np.float32):
-        return torch.from_numpy(gen.normal(*shape, std=std, mean=mean, dtype=dtype))
+        def randn(*shape, std=1.0, mean=0.0, dtype=np.float32):
+            return torch.from_numpy(gen.normal(*shape, std=std, mean=mean, dtype=dtype))
+    else:
+        drawn = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(*shape, std=1.0, mean=0.0, dtype=np.float32):  # left on the device until cast
+            kind = torch.float64 if dtype == np.float64 else torch.float32
+            return torch.randn(shape, generator=drawn, dtype=kind, device=device).mul_(std).add_(mean)
 
     norm_params = {
         f"{mod_name}.{p}"
@@ -178,13 +190,13 @@ def random_state_dict(config: dict[str, Any], alignment: dict[str, Any], seed: i
             value = randn(*shape, std=1.0 / math.sqrt(fan_in))
         else:
             value = randn(*shape, std=0.5)
-        state[name] = (value if dtype is None else value.to(dtype)).contiguous()
+        state[name] = (value if dtype is None else value.to(dtype)).contiguous().cpu()  # cast before the copy
     # The extended position table: a random original-length table stretched as upstream does, then a
     # "trained" residual copy that differs from it (both are stored, both are read). Stretched and
     # summed in float64 (elementwise IEEE operations, the same on every CPU), then rounded once.
     width = int(alignment["text_config"]["hidden_size"])
-    table = extend_position_table(randn(alignment_config.original_positions, width, std=0.1, dtype=np.float64))
-    residual = table + randn(*table.shape, std=0.02, dtype=np.float64)
+    table = extend_position_table(randn(alignment_config.original_positions, width, std=0.1, dtype=np.float64).cpu())
+    residual = table + randn(*table.shape, std=0.02, dtype=np.float64).cpu()
     prefix = "multi_modal_projector.clip_text_model.embeddings."
     for name, value in ((prefix + "position_embedding", table), (prefix + "position_embedding_res", residual)):
         value = value.to(torch.float32)

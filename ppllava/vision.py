@@ -17,6 +17,7 @@ from transformers.models.siglip.modeling_siglip import (
 )
 
 from ppllava.btadapter import BTAdapterMixin, SpatialBlock, TemporalBlock
+from ppllava.encoder import run_layer
 from ppllava.errors import InputError
 
 
@@ -43,7 +44,7 @@ class CLIPBTAdapterVision(BTAdapterMixin, nn.Module):
         first_adapter = len(self.encoder.layers) - self.depth
         x2 = None
         for i in range(index):
-            x = self.encoder.layers[i](x, None, None)[0]
+            x = run_layer(self.encoder.layers[i], x)
             if self.depth and i >= first_adapter:
                 x2 = self.adapter_step(i - first_adapter, x, x2)
         return x if x2 is None else self.combine(x, x2)
@@ -55,7 +56,7 @@ class CLIPBTAdapterVision(BTAdapterMixin, nn.Module):
         x2, states = None, []
         for i, layer in enumerate(self.encoder.layers):
             states.append(x if x2 is None else self.combine(x, x2))
-            x = layer(x, None, None)[0]
+            x = run_layer(layer, x)
             if self.depth and i >= first_adapter:
                 x2 = self.adapter_step(i - first_adapter, x, x2)
         states.append(x if x2 is None else self.combine(x, x2))
@@ -75,14 +76,14 @@ class SiglipVision(nn.Module):
     def hidden_state(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers[:index]:
-            x = layer(x, None)
+            x = run_layer(layer, x)
         return x
 
     def all_hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = self.embeddings(pixel_values)
         states = [x]
         for layer in self.encoder.layers:
-            x = layer(x, None)
+            x = run_layer(layer, x)
             states.append(x)
         return states
 

@@ -139,8 +139,10 @@ class StaticKVCache:
     """Per-layer (1, kv_heads, capacity, head_dim) key and value buffers, written in place.
 
     Implements the one method transformers' attention modules call on a cache, ``update``: the new
-    keys/values go to ``cache_position`` and the whole buffer is returned; the attention mask hides
-    the positions not written yet.
+    keys/values go to ``position`` and the whole buffer is returned; the attention mask hides the
+    positions not written yet. The decoder sets ``position`` (a device tensor, so a captured CUDA
+    graph reads its current value) before each forward: transformers 4.x also passes it to
+    ``update`` as ``cache_kwargs["cache_position"]``, 5.x no longer does (its caches count tokens).
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
@@ -149,11 +151,11 @@ class StaticKVCache:
         self.capacity = capacity
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.position = None  # (S,) positions the next forward writes
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None):
-        position = cache_kwargs["cache_position"]
-        self.keys[layer_idx].index_copy_(2, position, key_states)
-        self.values[layer_idx].index_copy_(2, position, value_states)
+        self.keys[layer_idx].index_copy_(2, self.position, key_states)
+        self.values[layer_idx].index_copy_(2, self.position, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -258,6 +260,7 @@ class TorchDecoder(StepDecoder):
         # (1, 1, S, capacity): a query sees the keys at or before its own position, nothing unwritten.
         mask = (self._positions[None, :] <= cache_position[:, None])[None, None]
         embeddings = self.rotary(hidden, position_ids)
+        self.kv.position = cache_position
         for layer in self.layers:
             out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=self.kv,
                         use_cache=True, cache_position=cache_position, position_embeddings=embeddings)
