@@ -55,7 +55,7 @@ def _best_seconds(run, repeat: int) -> float:
     return best
 
 
-def measure_rates(threads: int | None = None, repeat: int = 8) -> Rates:
+def measure_rates(threads: int | None = None, repeat: int = 20) -> Rates:
     """This machine's fp32 GEMM rate and decode-shaped weight-read bandwidth, with onnxruntime on
     ``threads`` (None: its default)."""
     from ppllava.runtime.backends.onnxruntime import make_session
