@@ -37,8 +37,8 @@ GREEDY_TOKENS = 16
 DECODER_TYPES = {"llama": "llama", "qwen2": "qwen"}
 # Free space, in bytes per LLM weight, of what a quantized LLM writes: a TensorRT-LLM checkpoint
 # holds its weights in fp16 at most (quantized ones in 1 or 0.5 bytes); an onnxruntime-genai
-# int4/int8 LLM keeps lm_head and the norms in fp32 beside its 1- or 0.5-byte weights (by that
-# count 1.6 bytes a weight for a 135M model with a 49k vocabulary, less for larger ones). The
+# int4/int8 LLM holds 1- or 0.5-byte weights (the 0.18 builder quantizes lm_head too: SmolLM2's
+# int4 graph had it in 4 bits) plus fp32 norms and scales, so 2 bytes a weight bounds both. The
 # builder also copies llm_hf/ whole into its scratch.
 CHECKPOINT_BYTES_PER_WEIGHT = ORT_BYTES_PER_WEIGHT = 2
 
