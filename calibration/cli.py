@@ -82,7 +82,7 @@ def cmd_quantize(args) -> int:
         print(f"{name:<16} {r['cosine_mean']:>12.5f} {r['cosine_min']:>11.5f} {r['max_abs_error']:>12.4g}")
     verdict = _verdict(report)
     print(f"threshold: visual-token cosine >= {report['thresholds']['visual_tokens_cosine']} — {verdict}")
-    if not report["below_threshold"] and report["precision"] == "int8":
+    if not report["below_threshold"] and report["method"] == "dynamic":
         print("ask, chat, bench and serve on onnxruntime (CPU) run these int8 stages by default; "
               "--precision fp32 runs the exported ones")
     return 0

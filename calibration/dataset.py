@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError, PPLLaVAError
-from ppllava.runtime.manifest import Manifest
 from ppllava.runtime.pipeline import Pipeline
 from ppllava.runtime.preprocess import normalise
 from ppllava.runtime.cache import file_digest
@@ -59,7 +58,7 @@ def list_videos(source: Path) -> list[Path]:
 def open_exported(engine_dir: Path) -> Pipeline:
     """The pipeline on the stages as exported: calibration and the references quantization is
     judged against never run an earlier quantization's variants (which ``ask`` picks by default)."""
-    return Pipeline.open(engine_dir, precision=Manifest.load(engine_dir).stage("vision").get("precision", "fp32"))
+    return Pipeline.open_exported(engine_dir)
 
 
 def engine_identity(pipe: Pipeline) -> str:

@@ -247,7 +247,7 @@ def _last_position_logits(path: Path) -> None:
     node = producer.get("logits")
     while node is not None and node.op_type == "Cast":  # an fp16 graph may cast its logits up
         node = producer.get(node.input[0])
-    if node is None or node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):  # (a 2-D Gemm has no position axis)
         raise LLMExportError(f"{path.name}: no lm_head MatMul produces 'logits' (found {node and node.op_type})")
     hidden = node.input[0]
     sliced = f"{hidden}/last_position"

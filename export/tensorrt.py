@@ -89,7 +89,8 @@ def build_plan(engine_dir: Path, precision: str = "fp16", max_frames: int | None
                 what = "no" if record is None else f"only a {record['method']}-quantized (onnxruntime CPU), not a"
                 raise BuildError(
                     f"the {name} stage has {what} {precision} Q/DQ ONNX; run `ppllava quantize {engine_dir} --calib CALIB "
-                    f"--stages {name} --precision {precision} --method qdq` first"
+                    f"--stages {name} --precision {precision} --method qdq` first (it replaces the dynamic variant, "
+                    "which the CPU path runs by default: quantize a copy of the engine dir for TensorRT)"
                 )
             onnx = manifest.stage_path(name, qdq)
             flags = ["FP16", precision.upper()]  # explicit Q/DQ: TensorRT follows the graph's scales

@@ -61,7 +61,7 @@ def verify_engine(engine_dir: Path, model, precision: str, torch_required: bool 
     ``torch_required=False`` (``ppllava verify`` on another machine): torch stages compiled for
     another device or torch release are recorded as skipped, with the reason, instead of failing."""
     failures: list[str] = []
-    pipe = Pipeline.open(engine_dir)
+    pipe = Pipeline.open_exported(engine_dir)  # the export, not a quantized variant the default would pick
     report = _verify_backend(pipe, model, precision, failures)
     compiled = pipe.manifest.variants("vision", "torch")  # the export compiles one dtype
     variant = next(iter(compiled.values()), None)

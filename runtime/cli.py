@@ -39,7 +39,7 @@ def _common(p) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads per stage")
     p.add_argument("--precision", help="the recorded variant to run: quantized stages or LLM (int8, fp8, int4) on "
                    "onnxruntime (default there, on the CPU provider: the int8 stages that passed `ppllava quantize`'s "
-                   "threshold; fp32 runs the exported ones), plan precision on tensorrt (default fp16), compiled "
+                   "threshold, dynamic method; the export's precision, fp32 or fp16, runs the exported ones), plan precision on tensorrt (default fp16), compiled "
                    "dtype on torch")
     p.add_argument("--cache-dir", type=Path, help="where vision features persist between runs (default: "
                    "$PPLLAVA_CACHE_DIR/features or ~/.cache/ppllava/features)")
@@ -301,6 +301,9 @@ def cmd_bench(args) -> int:
             raise InputError(f"{path}: the folder {path.parent} does not exist")
     backend = get_backend(args.backend)
     compare = _compare_list(args.compare)
+    from ppllava.runtime.floors import check_rates
+
+    check_rates(args.gemm_gflops, args.bandwidth_gbs)  # refused before anything is measured
     checkpoint = args.checkpoint
     engine_dir = args.engine_dir
     if args.random_weights:
@@ -328,7 +331,7 @@ def cmd_bench(args) -> int:
     baseline = results[-1].name if "torch" in compare else results[0].name
     data = bench.report(engine_dir, options, results, baseline=baseline)
     if args.floors:
-        data["floors"] = _floors(engine_dir, options, args, data, say)
+        data["floors"] = _floors(engine_dir, options, args, compare, data, say)
     print(bench.format_table(data))
     if args.json:
         bench.write_json(data, args.json)
@@ -353,18 +356,32 @@ def _compare_list(value: str | None) -> list[str]:
     return sorted(chosen, key=lambda v: v == "torch")
 
 
-def _floors(engine_dir, options, args, data: dict, say) -> dict | None:
-    """Each stage's floor on this machine (ppllava.runtime.floors), beside what every backend measured."""
+def _floors(engine_dir, options, args, compare: list[str], data: dict, say) -> dict | None:
+    """Each stage's floor on this machine (ppllava.runtime.floors), beside what every run measured;
+    None (with a line saying why) where floors would not mean anything or cannot be counted. A
+    failure here costs the floors only, never the measurements."""
+    from ppllava.errors import PPLLaVAError
     from ppllava.runtime import bench, floors
+    from ppllava.runtime.backends import BackendOptions
     from ppllava.runtime.manifest import Manifest
 
+    cpu = (args.backend == "onnxruntime" and BackendOptions(args.providers).providers == ("cpu",)
+           and ("torch" not in compare or args.torch_device == "cpu"))
+    if not cpu:
+        say("floors: skipped (they are this CPU's, for onnxruntime on the CPU provider; other devices have their own)")
+        return None
     if not Manifest.load(engine_dir).exported("llm"):
-        say("floors: this engine has no ONNX LLM (exported with --llm none); stage floors only")
+        say("floors: skipped (they are counted from one answer, and this engine has no ONNX LLM: --llm none)")
+        return None
     say("floors: measuring this machine's GEMM rate and memory bandwidth, and profiling the stages' costs")
-    rates = floors.given_rates(args.gemm_gflops, args.bandwidth_gbs, lambda: floors.measure_rates(args.threads))
-    video = options.video if options.video is not None else bench.synthetic_frames(options.synthetic_frames, seed=options.seed)
-    costs = floors.stage_costs(engine_dir, video, bench.QUESTIONS[0], options.frames if options.video else None,
-                               options.tokens, args.threads, options.max_new_tokens)
+    try:
+        rates = floors.given_rates(args.gemm_gflops, args.bandwidth_gbs, lambda: floors.measure_rates(args.threads))
+        video = options.video if options.video is not None else bench.synthetic_frames(options.synthetic_frames, seed=options.seed)
+        costs = floors.stage_costs(engine_dir, video, bench.QUESTIONS[0], options.frames if options.video else None,
+                                   options.tokens, args.threads, options.max_new_tokens)
+    except PPLLaVAError as exc:
+        say(f"floors: not measured ({exc})")
+        return None
     return floors.report(costs, rates, data["backends"])
 
 
@@ -481,5 +498,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", type=Path, help="write a PNG chart: per stage p50 and p95 of each backend, with the "
                    "settings and the machine")
     p.set_defaults(handler=cmd_bench, requires=lambda a: (
-        [("torch", "ppllava[export]")] if a.random_weights or "torch" in (a.compare or "").split(",") else [])
+        [("torch", "ppllava[export]")] if a.random_weights or "torch" in [c.strip() for c in (a.compare or "").split(",")] else [])
         + ([("matplotlib", "ppllava[bench]")] if a.plot else []))

@@ -10,13 +10,15 @@ Two costs per stage, counted from onnxruntime's own profile of one answer on the
 stages with the bench's inputs: the FLOPs of its matrix products (MatMul, Gemm, Conv, the LLM's
 attention kernels) from the shapes each node ran with, and the weight bytes its nodes read
 (``node_weight_bytes``), plus, for a decode step, the KV cache it reads. A stage's floor is
-the larger of FLOPs / GEMM rate and bytes / bandwidth (a roofline without the non-GEMM ops, so a
-ratio of 1.0 is not reachable, and 1.2 is close).
+the larger of FLOPs / GEMM rate and bytes / bandwidth (a roofline without the non-GEMM ops, so for an
+fp32 run a ratio of 1.0 is not reachable, and 1.2 is close). The floors are the fp32 export's: a run
+at another precision (the int8 vision stage) can go below 1.0.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -73,11 +75,15 @@ def measure_rates(threads: int | None = None, repeat: int = 20) -> Rates:
                               f"{threads or 'default'} threads, best of {repeat}")
 
 
+def check_rates(gemm_gflops: float | None, bandwidth_gbs: float | None) -> None:
+    for name, value in (("--gemm-gflops", gemm_gflops), ("--bandwidth-gbs", bandwidth_gbs)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name} must be a finite number > 0, got {value}")
+
+
 def given_rates(gemm_gflops: float | None, bandwidth_gbs: float | None, measured) -> Rates:
     """The user's --gemm-gflops / --bandwidth-gbs where given, the rest from ``measured()``."""
-    for name, value in (("--gemm-gflops", gemm_gflops), ("--bandwidth-gbs", bandwidth_gbs)):
-        if value is not None and not value > 0:
-            raise InputError(f"{name} must be > 0, got {value}")
+    check_rates(gemm_gflops, bandwidth_gbs)
     if gemm_gflops is not None and bandwidth_gbs is not None:
         return Rates(gemm_gflops, bandwidth_gbs, "given (--gemm-gflops, --bandwidth-gbs)")
     rates = measured()
@@ -213,6 +219,7 @@ def format_lines(floors: dict) -> list[str]:
     r = floors["rates"]
     names = list(dict.fromkeys(n for f in floors["stages"].values() for n in f["measured_over_floor"]))
     lines = [f"floors: fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s, weight reads {r['bandwidth_gbs']:.1f} GB/s ({r['source']})",
+             "        (the fp32 export's costs at these rates: a run at another precision can go below 1.0x)",
              f"{'stage':<16}{'GFLOP':>10}{'MiB read':>10}{'floor ms':>10}  {'bound':<8}"
              + "".join(f"  {n + ' / floor':>{max(12, len(n) + 8)}}" for n in names)]
     for stage, f in floors["stages"].items():

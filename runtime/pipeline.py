@@ -164,6 +164,13 @@ class Pipeline:
         pipe.digests = DigestMemo(cache_dir)
         return pipe
 
+    @classmethod
+    def open_exported(cls, engine_dir, **options) -> "Pipeline":
+        """``open`` on the stages as exported, never the quantized variants it picks by default: what
+        calibration, quantization and verification judge against."""
+        precision = Manifest.load(engine_dir).stage("vision").get("precision", "fp32")
+        return cls.open(engine_dir, precision=precision, **options)
+
     def close(self) -> None:
         """Release the stage sessions, the decoder, the memory-mapped embeddings and the cached
         features; waits for a running request. Later calls raise ``EngineError``; closing twice is fine."""

@@ -119,9 +119,11 @@ def test_int8_stages(setup, method, monkeypatch):
     assert report["visual_tokens"]["cosine_mean"] >= 0.9
     pipe = Pipeline.open(work, precision="int8")
     assert pipe.stages["vision"].path == manifest.stage_path("vision", "onnxruntime:int8")
-    # by default the int8 stages run where they passed, never where they did not; fp32 opts out
+    # by default the dynamic int8 stages run where they passed, never where they did not, and a Q/DQ
+    # one (made for TensorRT) only on request; fp32 opts out
+    default_int8 = method == "dynamic" and not report["below_threshold"]
     assert Pipeline.open(work).stages["vision"].path == (
-        manifest.stage_path("vision") if report["below_threshold"] else manifest.stage_path("vision", "onnxruntime:int8"))
+        manifest.stage_path("vision", "onnxruntime:int8") if default_int8 else manifest.stage_path("vision"))
     assert Pipeline.open(work, precision="fp32").stages["vision"].path == manifest.stage_path("vision")
     # quantizing again replaces the variant: new files recorded, the old ones removed, nothing else left
     first = manifest.stage_path("vision", "onnxruntime:int8")
@@ -132,13 +134,21 @@ def test_int8_stages(setup, method, monkeypatch):
     assert again.stage_path("vision", "onnxruntime:int8") != first and not first.exists()
     assert sorted(p.name for p in work.parent.iterdir() if p.name.startswith(f".engine_q_{method}")) == []
     default = Pipeline.open(work)
-    assert default.stages["vision"].path == again.stage_path("vision", "onnxruntime:int8")
-    assert default.backend.compute_dtype == "int8"
+    # what calibration, quantization and `ppllava verify` judge against: always the export
+    assert Pipeline.open_exported(work).stages["vision"].path == again.stage_path("vision")
+    if method == "dynamic":
+        assert default.stages["vision"].path == again.stage_path("vision", "onnxruntime:int8")
+        assert default.backend.compute_dtype == "int8"
+    else:
+        assert default.stages["vision"].path == again.stage_path("vision")
     from ppllava.runtime.backends import BackendOptions
     from ppllava.runtime.backends.onnxruntime import OnnxruntimeBackend
 
     # other providers were not measured with the int8 stages: by default they run the export
     assert OnnxruntimeBackend(again, BackendOptions(providers=("cuda", "cpu"))).quantized == set()
+    # the export's precision opts out; the other float precision says which one that is
+    with pytest.raises(Exception, match="exported in fp32: --precision fp32 runs the exported stages"):
+        OnnxruntimeBackend(again, BackendOptions(precision="fp16"))
     assert OnnxruntimeBackend(again, BackendOptions(providers=("cuda", "cpu"), precision="int8")).quantized == {"vision", "text", "pool"}
     shards = load_shards(calib)[1]
     assert pipe.vision(shards[0]["pixel_values"]).shape == shards[0]["features"].shape

@@ -65,12 +65,12 @@ def test_precision_picks_the_variant_sizes(work):
     _fake(llm / "model.onnx.data", 5_000)
     vision = _fake(work / "vision.int8.abc123.onnx", 777)
     add_variants(work, [("llm", variant_record(work, llm, "onnxruntime", "int4")),
-                        ("vision", variant_record(work, vision, "onnxruntime", "int8"))])
+                        ("vision", variant_record(work, vision, "onnxruntime", "int8", method="dynamic"))])
     int4 = memory_estimate(work, DoctorOptions(precision="int4"), runtime=0)
     assert int4.weights["llm"] == 6_000 and int4.weights["vision"] == fp.weights["vision"]
     int8 = memory_estimate(work, DoctorOptions(precision="int8"), runtime=0)
     assert int8.weights["vision"] == 777 and int8.weights["llm"] == fp.weights["llm"]  # no int8 LLM: the FP one runs
-    # by default the passing int8 stage runs on the CPU (as ask runs it); --precision fp32 opts out
+    # by default the passing dynamic int8 stage runs on the CPU (as ask runs it); --precision fp32 opts out
     assert memory_estimate(work, runtime=0).weights == int8.weights
     assert memory_estimate(work, DoctorOptions(precision="fp32"), runtime=0).weights == fp.weights
 

@@ -49,8 +49,16 @@ def test_rates_are_measured_and_flags_override():
     assert given.gemm_gflops == 100.0 and given.bandwidth_gbs == rates.bandwidth_gbs and "GEMM rate given" in given.source
     both = floors.given_rates(100.0, 20.0, lambda: pytest.fail("nothing to measure when both are given"))
     assert (both.gemm_gflops, both.bandwidth_gbs) == (100.0, 20.0)
-    with pytest.raises(floors.InputError, match="--bandwidth-gbs must be > 0"):
-        floors.given_rates(None, 0.0, lambda: rates)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(floors.InputError, match="--bandwidth-gbs must be a finite number > 0"):
+            floors.given_rates(None, bad, lambda: rates)
+
+
+def test_bad_rates_are_refused_before_anything_runs(tiny_engine):
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "bench", str(tiny_engine("vicuna")), "--synthetic-frames",
+                        "4", "--gemm-gflops", "-1"], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--gemm-gflops must be a finite number > 0" in lines[0], r.stderr
 
 
 def test_stage_costs_follow_the_models_arithmetic(tiny_engine):
