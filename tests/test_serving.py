@@ -70,12 +70,16 @@ def video():
     return _video()
 
 
+def _require_engine() -> None:
+    if not (ENGINE / "manifest.json").is_file():
+        pytest.skip(f"no engine at {ENGINE} (set PPLLAVA_SERVE_ENGINE; .ci/serving.sh exports one)")
+
+
 @pytest.fixture(scope="module")
 def server(video):
     from ppllava.runtime.serving.server import ServeOptions, TritonServer
 
-    if not (ENGINE / "manifest.json").is_file():
-        pytest.skip(f"no engine at {ENGINE} (set PPLLAVA_SERVE_ENGINE; .ci/serving.sh exports one)")
+    _require_engine()
     try:
         http_port, grpc_port, metrics_port = _free_ports(3)
         srv = TritonServer(ServeOptions(ENGINE, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

@@ -22,7 +22,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("tritonclient.grpc")
 
-from test_serving import ENGINE, MAX_NEW, QUESTION, _ask_http, _free_ports, _no_network, _video  # noqa: E402,F401
+from test_serving import (  # noqa: E402,F401
+    ENGINE, MAX_NEW, QUESTION, _ask_http, _free_ports, _no_network, _require_engine, _video,
+)
 
 from ppllava.errors import PPLLaVAError  # noqa: E402
 
@@ -39,8 +41,7 @@ def server(video):
     from ppllava.runtime.serving.openai_api import OpenAIFrontEnd, OpenAIOptions
     from ppllava.runtime.serving.server import ServeOptions, TritonServer
 
-    if not (ENGINE / "manifest.json").is_file():
-        pytest.skip(f"no engine at {ENGINE} (set PPLLAVA_SERVE_ENGINE; .ci/serving.sh exports one)")
+    _require_engine()
     http_port, grpc_port, metrics_port, openai_port = _free_ports(4)
     try:
         srv = TritonServer(ServeOptions(ENGINE, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
@@ -134,8 +135,7 @@ def test_refusals_are_one_line_400s(client, video, server, name):
 
 def test_serve_cli_starts_and_stops_the_front_end(video):
     """`ppllava serve --openai-port P`: prints the endpoint, answers, Ctrl-C stops both."""
-    if not (ENGINE / "manifest.json").is_file():
-        pytest.skip(f"no engine at {ENGINE}")
+    _require_engine()
     http_port, grpc_port, metrics_port, openai_port = _free_ports(4)
     proc = subprocess.Popen([sys.executable, "-m", "ppllava.cli", "serve", str(ENGINE), "--allow", str(video.parent),
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port),
