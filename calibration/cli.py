@@ -46,10 +46,8 @@ def _quantize_requires(args) -> list[tuple[str, str]]:
         return [("torch", "ppllava[export]"), ("onnxruntime_genai", "ppllava[export]")]
     if args.llm:
         return [("torch", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
-    from ppllava.calibration.quantize import resolve_method
-
-    if resolve_method(args.method, args.precision) == "dynamic":  # onnxruntime's own quantizer
-        return [("onnx", "ppllava[export]")]
+    if args.method == "dynamic" or (args.method == "auto" and args.precision == "int8"):  # onnxruntime's own
+        return [("onnx", "ppllava[export]")]  # (a bad --method/--precision pair is refused by the command)
     return [("onnx", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
 
 

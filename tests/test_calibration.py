@@ -302,3 +302,14 @@ def test_interrupted_calibration_resumes(setup, tmp_path, monkeypatch):
     assert all((tmp_path / "c" / name).stat().st_mtime_ns == t for name, t in stamps.items())  # kept, not redone
     with pytest.raises(InputError, match="same settings"):
         build_calibration_set(engine, list_videos(videos), tmp_path / "c", frames=4, progress=lambda _: None)
+
+
+def test_quantize_cli_bad_method_is_one_line(setup):
+    import subprocess
+    import sys
+
+    engine, _, calib, _ = setup
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "quantize", str(engine), "--calib", str(calib), "--stages",
+                        "vision", "--precision", "fp8", "--method", "dynamic"], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--method dynamic quantizes to int8 only" in lines[0], r.stderr
