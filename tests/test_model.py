@@ -102,6 +102,26 @@ def test_cached_decode_equals_full_forwards(tiny_models, variant):
         assert int(full[L - 1 + i].argmax()) == token
 
 
+def test_prefill_computes_the_last_position_only(tiny_models, monkeypatch):
+    # Bug class: a reference (the bench's eager baseline) that runs lm_head over every prompt
+    # position, which transformers' own generate does not: a slower baseline than users have.
+    import functools
+
+    llm = tiny_models["vicuna"].language_model
+    forward, shapes = llm.forward, []
+
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(llm, "forward", spy)
+    gen = tiny_models["vicuna"].generate_detailed(PROMPT, frames(4), clip_ids("vicuna"), max_new_tokens=3, eos_token_id=-1)
+    assert len(gen.tokens) == 3 and len(shapes) == 3
+    assert all(shape[:2] == (1, 1) for shape in shapes), shapes
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_models, variant):
     model = tiny_models[variant]
