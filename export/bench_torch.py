@@ -68,8 +68,9 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
 
 
 def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print,
-                memory: HostMemory | None = None) -> BackendResult:
-    """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups.
+                memory: HostMemory | None = None, probe=None) -> BackendResult:
+    """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups,
+    ``probe`` (a ``floors.RateProbe``) before each measured repeat and after the last.
     ``memory``: the host-memory window (default: from now, before the model is loaded)."""
     memory = memory or HostMemory()
     device = torch.device(device)
@@ -89,6 +90,8 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
     result = BackendResult("torch-eager")
 
     for r in range(1 + options.warmup + options.repeat):
+        if probe is not None and r > options.warmup:
+            result.probes.append(probe())
         clock = _Clock(device)
         t_start = time.perf_counter()
         if options.video is not None:
@@ -117,6 +120,8 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
             if r > options.warmup:
                 result.follow_up.append(Run(dict(clock.ms), (time.perf_counter() - t0) * 1e3, len(tokens)))
         log_line(progress(result.name, r, options))
+    if probe is not None:
+        result.probes.append(probe())
     result.finish(memory)
     result.runtime = {"backend": "torch-eager", "precision": precision, "providers": None,
                       "stage_precisions": {s: precision for s in ("vision", "text", "pool", "llm")},

@@ -167,6 +167,7 @@ class BackendResult:
     memory: dict = field(default_factory=dict)  # HostMemory.stop(): baseline, own rise, method
     inputs: dict = field(default_factory=dict)  # frames, visual_tokens, prompt_tokens (per question) of the cold run
     runtime: dict = field(default_factory=dict)  # backend, precision, stage_precisions, providers, threads, engine_fingerprint
+    probes: list = field(default_factory=list)  # floors.RateProbe results: before each repeat and after the last
 
     def finish(self, memory: HostMemory) -> None:
         self.memory = memory.stop()
@@ -198,6 +199,7 @@ class BackendResult:
             "device": self.device,
             "inputs": self.inputs,
             **self.runtime,
+            **({"rate_probes": self.probes} if self.probes else {}),
         }
 
 
@@ -226,9 +228,10 @@ def stage_precisions(pipe) -> dict[str, str]:
 
 
 def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "onnxruntime",
-                   memory: HostMemory | None = None) -> BackendResult:
+                   memory: HostMemory | None = None, probe=None) -> BackendResult:
     """Measure the pipeline (the product's path: ``Pipeline.ask``). ``memory``: a window the caller
-    started before opening ``pipe`` (default: one started now, so opening is not counted)."""
+    started before opening ``pipe`` (default: one started now, so opening is not counted).
+    ``probe``: a ``floors.RateProbe``, run before each measured repeat and after the last."""
     from ppllava.runtime.cache import FeatureCache
 
     options.validate()
@@ -240,6 +243,8 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
     pipe.backend.reset_peak_memory()  # device backends: the peak of this bench only
     prompt_tokens = []
     for r in range(1 + options.warmup + options.repeat):
+        if probe is not None and r > options.warmup:
+            result.probes.append(probe())
         pipe.cache = FeatureCache()  # every repeat starts cold for the video
         for q, question in enumerate(questions):
             t0 = time.perf_counter()
@@ -256,6 +261,8 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
             elif r > options.warmup:
                 (result.first if q == 0 else result.follow_up).append(run)
         log_line(progress(name, r, options))
+    if probe is not None:
+        result.probes.append(probe())
     result.inputs["prompt_tokens"] = prompt_tokens
     result.finish(memory)
     device = pipe.backend.device()  # the GPU (or "cpu") it ran on, and its peak memory where measured

@@ -3,6 +3,7 @@ imports the PyTorch reference lazily, and only then)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import sys
@@ -313,25 +314,34 @@ def cmd_bench(args) -> int:
     for precision in variants:  # refuse a missing variant before anything is measured
         backend(Manifest.load(engine_dir), BackendOptions(precision=precision))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    providers = args.providers  # BackendOptions splits "cuda,cpu"
-    memory = bench.HostMemory()  # each backend's window opens before it is: its weights count
-    pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
-    pipe.tokenizers.require()
-    results = [bench.bench_pipeline(pipe, options, say, name=args.backend, memory=memory)]
-    for precision in variants:
-        memory = bench.HostMemory()
-        variant = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
-                                precision=precision)
-        results.append(bench.bench_pipeline(variant, options, say, name=f"{args.backend}-{precision}", memory=memory))
-        variant.close()
-    if "torch" in compare:
-        results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
-                                       args.torch_device, say))
+    skip_floors = _floors_skipped(engine_dir, args, compare) if args.floors else "not asked for"
+    if args.floors and skip_floors:
+        say(f"floors: skipped ({skip_floors})")
+    from ppllava.runtime.floors import RateProbe
+
+    # measured rates are probed again around every repeat (floors.RateProbe); given ones stand
+    probing = not skip_floors and args.gemm_gflops is None and args.bandwidth_gbs is None
+    with (RateProbe(args.threads) if probing else contextlib.nullcontext()) as probe:
+        providers = args.providers  # BackendOptions splits "cuda,cpu"
+        memory = bench.HostMemory()  # each backend's window opens before it is: its weights count
+        pipe = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads)
+        pipe.tokenizers.require()
+        results = [bench.bench_pipeline(pipe, options, say, name=args.backend, memory=memory, probe=probe)]
+        for precision in variants:
+            memory = bench.HostMemory()
+            variant = Pipeline.open(engine_dir, backend=args.backend, providers=providers, threads=args.threads,
+                                    precision=precision)
+            results.append(bench.bench_pipeline(variant, options, say, name=f"{args.backend}-{precision}",
+                                                memory=memory, probe=probe))
+            variant.close()
+        if "torch" in compare:
+            results.append(_torch_baseline(checkpoint or pipe.manifest.data["source"]["checkpoint"], pipe, options,
+                                           args.torch_device, say, probe))
     # ratios are baseline / other: the torch reference where it ran, else the default run
     baseline = results[-1].name if "torch" in compare else results[0].name
     data = bench.report(engine_dir, options, results, baseline=baseline)
-    if args.floors:
-        data["floors"] = _floors(engine_dir, options, args, compare, data, say)
+    if not skip_floors:
+        data["floors"] = _floors(engine_dir, options, args, results, say)
     print(bench.format_table(data))
     if args.json:
         bench.write_json(data, args.json)
@@ -356,23 +366,27 @@ def _compare_list(value: str | None) -> list[str]:
     return sorted(chosen, key=lambda v: v == "torch")
 
 
-def _floors(engine_dir, options, args, compare: list[str], data: dict, say) -> dict | None:
-    """Each stage's floor on this machine (ppllava.runtime.floors), beside what every run measured;
-    None (with a line saying why) where floors would not mean anything or cannot be counted. A
-    failure here costs the floors only, never the measurements."""
-    from ppllava.errors import PPLLaVAError
-    from ppllava.runtime import bench, floors
+def _floors_skipped(engine_dir, args, compare: list[str]) -> str | None:
+    """Why floors would not mean anything for this bench, or None."""
     from ppllava.runtime.backends import BackendOptions
     from ppllava.runtime.manifest import Manifest
 
     cpu = (args.backend == "onnxruntime" and BackendOptions(args.providers).providers == ("cpu",)
            and ("torch" not in compare or args.torch_device == "cpu"))
     if not cpu:
-        say("floors: skipped (they are this CPU's, for onnxruntime on the CPU provider; other devices have their own)")
-        return None
+        return "they are this CPU's, for onnxruntime on the CPU provider; other devices have their own"
     if not Manifest.load(engine_dir).exported("llm"):
-        say("floors: skipped (they are counted from one answer, and this engine has no ONNX LLM: --llm none)")
-        return None
+        return "they are counted from one answer, and this engine has no ONNX LLM: --llm none"
+    return None
+
+
+def _floors(engine_dir, options, args, results: list, say) -> dict | None:
+    """Each stage's floor on this machine (ppllava.runtime.floors), beside what every run measured;
+    None (with a line saying why) where they cannot be counted. A failure here costs the floors
+    only, never the measurements."""
+    from ppllava.errors import PPLLaVAError
+    from ppllava.runtime import bench, floors
+
     say("floors: measuring this machine's GEMM rate and memory bandwidth, and profiling the stages' costs")
     try:
         rates = floors.given_rates(args.gemm_gflops, args.bandwidth_gbs, lambda: floors.measure_rates(args.threads))
@@ -382,7 +396,7 @@ def _floors(engine_dir, options, args, compare: list[str], data: dict, say) -> d
     except PPLLaVAError as exc:
         say(f"floors: not measured ({exc})")
         return None
-    return floors.report(costs, rates, data["backends"])
+    return floors.report(costs, rates, results)
 
 
 def _random_engine(preset: str, torch_stages: bool = False, int8_vision: bool = False):
@@ -393,7 +407,7 @@ def _random_engine(preset: str, torch_stages: bool = False, int8_vision: bool = 
                          int8_vision=int8_vision)
 
 
-def _torch_baseline(checkpoint, pipe, options, device, say):
+def _torch_baseline(checkpoint, pipe, options, device, say, probe=None):
     """The PyTorch eager baseline of --compare torch (imports torch, lazily and only on request)."""
     from pathlib import Path as _Path
 
@@ -401,7 +415,7 @@ def _torch_baseline(checkpoint, pipe, options, device, say):
 
     if not _Path(checkpoint).is_dir():
         raise InputError(f"--compare torch needs the checkpoint ({checkpoint} does not exist); pass --checkpoint")
-    return bench_torch(checkpoint, pipe, options, device, say)
+    return bench_torch(checkpoint, pipe, options, device, say, probe=probe)
 
 
 def cmd_doctor(args) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -57,22 +58,105 @@ def _best_seconds(run, repeat: int) -> float:
     return best
 
 
+class _Rater:
+    """One onnxruntime MatMul session on ``threads`` and its two feeds: the GEMM and the
+    decode-shaped weight read."""
+
+    def __init__(self, threads: int | None):
+        from ppllava.runtime.backends.onnxruntime import make_session
+
+        self.threads = threads
+        self.session = make_session(MATMUL_ONNX, threads=threads)
+
+        def feed(m, k, n):  # the values do not change the time (no denormals); a fill is quick to make
+            return {"X": np.full((m, k), 0.5, np.float32), "W": np.full((k, n), 0.25, np.float32)}
+
+        self.gemm, self.gemv = feed(*GEMM_SHAPE), feed(*GEMV_SHAPE)
+
+    def rates(self, repeat: int) -> Rates:
+        m, k, n = GEMM_SHAPE
+        gflops = 2.0 * m * k * n / _best_seconds(lambda: self.session.run(None, self.gemm), repeat) / 1e9
+        gbs = self.gemv["W"].nbytes / _best_seconds(lambda: self.session.run(None, self.gemv), repeat) / 1e9
+        return Rates(gflops, gbs, f"measured: onnxruntime MatMul {m}x{k}x{n} and 1x{GEMV_SHAPE[1]}x{GEMV_SHAPE[2]} "
+                                  f"fp32, {self.threads or 'default'} threads, best of {repeat}")
+
+
 def measure_rates(threads: int | None = None, repeat: int = 20) -> Rates:
     """This machine's fp32 GEMM rate and decode-shaped weight-read bandwidth, with onnxruntime on
     ``threads`` (None: its default)."""
-    from ppllava.runtime.backends.onnxruntime import make_session
+    return _Rater(threads).rates(repeat)
 
-    session = make_session(MATMUL_ONNX, threads=threads)
 
-    def feed(m, k, n):  # the values do not change the time (no denormals); a fill is quick to make
-        return {"X": np.full((m, k), 0.5, np.float32), "W": np.full((k, n), 0.25, np.float32)}
+PROBE_REPEAT = 3  # a probe between repeats: best of 3 of each product, ~0.2 s
+PROBE_TIMEOUT_S = 120.0
 
-    gemm, gemv = feed(*GEMM_SHAPE), feed(*GEMV_SHAPE)
-    m, k, n = GEMM_SHAPE
-    gflops = 2.0 * m * k * n / _best_seconds(lambda: session.run(None, gemm), repeat) / 1e9
-    gbs = gemv["W"].nbytes / _best_seconds(lambda: session.run(None, gemv), repeat) / 1e9
-    return Rates(gflops, gbs, f"measured: onnxruntime MatMul {m}x{k}x{n} and 1x{GEMV_SHAPE[1]}x{GEMV_SHAPE[2]} fp32, "
-                              f"{threads or 'default'} threads, best of {repeat}")
+
+class RateProbe:
+    """The two rates measured again between the bench's repeats, so that each repeat is judged
+    against what the machine could do at that moment: on a shared machine (a cloud VM) both move by
+    tens of percent within seconds, and a median over a minute against the best of one moment mixes
+    that into the ratio. The probe runs in a helper process on the same threads, so its 256 MiB of
+    weights stay out of the bench's memory figures; the helper waits on a pipe between probes (no
+    spinning threads). ``probe()`` returns {"gemm_gflops", "bandwidth_gbs"}, or None once the helper
+    has failed (the floors then fall back to the rates measured after the runs)."""
+
+    def __init__(self, threads: int | None, repeat: int = PROBE_REPEAT):
+        import subprocess
+
+        self.repeat = repeat
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ppllava.runtime.floors", str(threads or 0)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True)
+            if self._line() != "ready":
+                self.close()
+        except OSError:
+            self.close()
+
+    def _line(self) -> str | None:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], PROBE_TIMEOUT_S)
+        return self.proc.stdout.readline().strip() if ready else None
+
+    def __call__(self) -> dict | None:
+        if self.proc is None:
+            return None
+        try:
+            self.proc.stdin.write(f"{self.repeat}\n")
+            self.proc.stdin.flush()
+            rates = json.loads(self._line() or "null")
+            return {"gemm_gflops": float(rates["gemm_gflops"]), "bandwidth_gbs": float(rates["bandwidth_gbs"])}
+        except (OSError, ValueError, TypeError, KeyError):
+            self.close()
+            return None
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except Exception:  # a helper that does not end on EOF is killed: nothing of it may outlive the bench
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _serve_probes(threads: int) -> None:
+    """``python -m ppllava.runtime.floors THREADS``: the helper of ``RateProbe``; one line in (the
+    repeat count), one JSON line out, until its input closes."""
+    rater = _Rater(threads or None)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(asdict(rater.rates(int(line)))), flush=True)
 
 
 def check_rates(gemm_gflops: float | None, bandwidth_gbs: float | None) -> None:
@@ -200,18 +284,49 @@ def floors_ms(costs: dict, rates: Rates) -> dict:
     return out
 
 
-def report(costs: dict, rates: Rates, backends: dict) -> dict:
-    """The bench report's ``floors``: the rates, and per stage its costs, floor and each backend's
-    measured median over the floor (``backends``: the report's, first-question medians)."""
+def _measured(run, stage: str) -> float | None:
+    return run.ms_per_token if stage == "decode" else run.stages.get(stage)
+
+
+def paired_ratio(values: list[float | None], probes: list[dict | None], stage: str, cost: dict) -> float | None:
+    """The median over repeats of (repeat's time / its floor at the rates probed just before and just
+    after it, the better of the two); None unless every repeat has both probes."""
+    if len(probes) != len(values) + 1 or any(p is None for p in probes):
+        return None
+    ratios = []
+    for i, value in enumerate(values):
+        if not value:
+            continue
+        near = Rates(max(probes[i]["gemm_gflops"], probes[i + 1]["gemm_gflops"]),
+                     max(probes[i]["bandwidth_gbs"], probes[i + 1]["bandwidth_gbs"]), "probes")
+        ratios.append(value / floors_ms({stage: cost}, near)[stage]["floor_ms"])
+    return float(np.median(ratios)) if ratios else None
+
+
+def report(costs: dict, rates: Rates, results: list) -> dict:
+    """The bench report's ``floors``: the rates, and per stage its costs, its floor at those rates and,
+    per run (``results``: the bench's BackendResults, first questions), ``measured_over_floor``: paired
+    with the rate probes around each repeat where they ran (``RateProbe``), else the median against
+    the floor at ``rates``, which is also kept as ``measured_over_best_floor``."""
     stages = floors_ms(costs, rates)
+    probes = {r.name: r.probes for r in results if r.probes}
     for stage, floor in stages.items():
-        floor["measured_over_floor"] = {}
-        for name, b in backends.items():
-            first = b.get("first_question") or {}
-            measured = (first.get("decode_ms_per_token") if stage == "decode" else first.get("stages_ms", {}).get(stage)) or {}
-            if measured.get("median") and floor["floor_ms"] > 0:
-                floor["measured_over_floor"][name] = measured["median"] / floor["floor_ms"]
-    return {"rates": asdict(rates), "stages": stages}
+        floor["measured_over_floor"], floor["measured_over_best_floor"] = {}, {}
+        for result in results:
+            values = [_measured(run, stage) for run in result.first]
+            present = [v for v in values if v]
+            if not present or floor["floor_ms"] <= 0:
+                continue
+            best = float(np.median(present)) / floor["floor_ms"]
+            paired = paired_ratio(values, result.probes, stage, costs[stage]) if result.probes else None
+            floor["measured_over_best_floor"][result.name] = best
+            floor["measured_over_floor"][result.name] = best if paired is None else paired
+    return {"rates": asdict(rates), "stages": stages, "probes": probes,
+            "paired": bool(probes) and all(p is not None for run in probes.values() for p in run)}
+
+
+def _span(values: list[float], unit: str, digits: int) -> str:
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f} {unit}"
 
 
 def format_lines(floors: dict) -> list[str]:
@@ -219,12 +334,33 @@ def format_lines(floors: dict) -> list[str]:
     r = floors["rates"]
     names = list(dict.fromkeys(n for f in floors["stages"].values() for n in f["measured_over_floor"]))
     lines = [f"floors: fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s, weight reads {r['bandwidth_gbs']:.1f} GB/s ({r['source']})",
-             "        (the fp32 export's costs at these rates: a run at another precision can go below 1.0x)",
-             f"{'stage':<16}{'GFLOP':>10}{'MiB read':>10}{'floor ms':>10}  {'bound':<8}"
-             + "".join(f"  {n + ' / floor':>{max(12, len(n) + 8)}}" for n in names)]
+             "        (the fp32 export's costs at these rates: a run at another precision can go below 1.0x)"]
+    probed = [p for run in (floors.get("probes") or {}).values() for p in run if p]
+    paired = floors.get("paired")
+    if probed:
+        lines.append(f"        each repeat / its floor at the rates probed just before and after it (a helper process; "
+                     f"{len(probed)} probes: {_span([p['bandwidth_gbs'] for p in probed], 'GB/s', 1)}, "
+                     f"{_span([p['gemm_gflops'] for p in probed], 'GFLOP/s', 0)}), median;"
+                     + (" in brackets: median / the floor above" if paired else " some probes failed: median / the floor above"))
+    elif floors.get("probes"):
+        lines.append("        (the rate probes failed: medians / the floor above)")
+    width = {n: max(14, len(n) + 8) + (9 if paired else 0) for n in names}
+    lines.append(f"{'stage':<16}{'GFLOP':>10}{'MiB read':>10}{'floor ms':>10}  {'bound':<8}"
+                 + "".join(f"  {n + ' / floor':>{width[n]}}" for n in names))
+
+    def cell(f: dict, n: str) -> str:
+        if n not in f["measured_over_floor"]:
+            return f"  {'-':>{width[n]}}"
+        text = f"{f['measured_over_floor'][n]:.2f}x"
+        if paired:
+            text += f" ({f['measured_over_best_floor'][n]:.2f}x)"
+        return f"  {text:>{width[n]}}"
+
     for stage, f in floors["stages"].items():
         label = "decode per token" if stage == "decode" else stage
         lines.append(f"{label:<16}{f['gflop']:>10.2f}{f['mib_read']:>10.1f}{f['floor_ms']:>10.2f}  {f['bound']:<8}"
-                     + "".join(f"  {f['measured_over_floor'][n]:>{max(12, len(n) + 8) - 1}.2f}x"
-                               if n in f["measured_over_floor"] else f"  {'-':>{max(12, len(n) + 8)}}" for n in names))
+                     + "".join(cell(f, n) for n in names))
     return lines
+
+if __name__ == "__main__":
+    _serve_probes(int(sys.argv[1]))

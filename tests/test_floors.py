@@ -109,3 +109,59 @@ def test_bench_reports_floors_beside_every_run(tiny_engine, tmp_path):
             block["first_question"]["stages_ms"]["vision"]["median"] / vision["floor_ms"])
     assert "floors: fp32 GEMM 50 GFLOP/s" in r.stdout and "decode per token" in r.stdout
     assert "onnxruntime-fp32 / floor" in r.stdout
+
+
+def test_rate_probe_runs_in_a_helper_process_and_fails_softly():
+    import os
+
+    with floors.RateProbe(threads=1, repeat=1) as probe:
+        proc = probe.proc
+        assert proc is not None and proc.pid != os.getpid()
+        first, second = probe(), probe()
+        for rates in (first, second):
+            assert rates["gemm_gflops"] > 0.5 and rates["bandwidth_gbs"] > 0.1
+        proc.kill()  # a helper that died: no exception, no rates, nothing left running
+        proc.wait()
+        assert probe() is None and probe.proc is None
+    with floors.RateProbe(threads=1, repeat=1) as probe:
+        proc = probe.proc
+    assert probe.proc is None and proc.poll() is not None  # closing ends the helper
+
+
+def test_each_repeat_is_judged_at_the_rates_probed_around_it():
+    from ppllava.runtime.bench import BackendResult, Run
+
+    # 1 GB of weights per decode step, no FLOPs to speak of: the floor is 1 GB / bandwidth
+    costs = {"decode": {"flops": 1.0, "weight_bytes": 10**9}}
+    best = floors.Rates(100.0, 20.0, "best of 20")
+    result = BackendResult("onnxruntime")
+    # decode ms/token = decode / (new_tokens - 1): 100 ms then 50 ms per token
+    result.first = [Run({"decode": 100.0}, 100.0, 2), Run({"decode": 50.0}, 50.0, 2)]
+    result.probes = [{"gemm_gflops": 100.0, "bandwidth_gbs": 10.0}, {"gemm_gflops": 100.0, "bandwidth_gbs": 10.0},
+                     {"gemm_gflops": 100.0, "bandwidth_gbs": 20.0}]
+    data = floors.report(costs, best, [result])
+    decode = data["stages"]["decode"]
+    # repeat 1 ran while 10 GB/s was there (floor 100 ms), repeat 2 next to a 20 GB/s probe (50 ms)
+    assert decode["measured_over_floor"]["onnxruntime"] == pytest.approx(1.0)
+    assert decode["measured_over_best_floor"]["onnxruntime"] == pytest.approx(75.0 / 50.0)
+    assert data["paired"] and data["probes"]["onnxruntime"] == result.probes
+    lines = floors.format_lines(data)
+    assert any("3 probes: 10.0-20.0 GB/s" in line for line in lines)
+    assert any("1.00x (1.50x)" in line for line in lines)
+    result.probes[1] = None  # a failed probe: that run falls back to the best rates, and says so
+    data = floors.report(costs, best, [result])
+    assert data["stages"]["decode"]["measured_over_floor"]["onnxruntime"] == pytest.approx(1.5)
+    assert not data["paired"] and any("some probes failed" in line for line in floors.format_lines(data))
+
+
+def test_bench_probes_the_rates_around_every_repeat(tiny_engine, tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "ppllava.cli", "bench", str(tiny_engine("vicuna")), "--synthetic-frames",
+                        "4", "--repeat", "2", "--warmup", "0", "--max-new-tokens", "3", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    probes = data["backends"]["onnxruntime"]["rate_probes"]
+    assert len(probes) == 3 and all(p["bandwidth_gbs"] > 0 for p in probes)  # before each repeat, after the last
+    assert data["floors"]["paired"] and data["floors"]["probes"]["onnxruntime"] == probes
+    assert "each repeat / its floor at the rates probed just before and after it" in r.stdout
