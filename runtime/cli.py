@@ -396,6 +396,8 @@ def _floors(engine_dir, options, args, results: list, say) -> dict | None:
     except PPLLaVAError as exc:
         say(f"floors: not measured ({exc})")
         return None
+    if args.gemm_gflops is None and args.bandwidth_gbs is None:
+        rates = floors.best_rates(rates, results)
     return floors.report(costs, rates, results)
 
 

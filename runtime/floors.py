@@ -284,6 +284,17 @@ def floors_ms(costs: dict, rates: Rates) -> dict:
     return out
 
 
+def best_rates(rates: Rates, results: list) -> Rates:
+    """``rates`` raised to the best any probe around the repeats measured (``results``' probes): the
+    floor is what this machine did at its best during the bench, not in the moment after it."""
+    probed = [p for result in results for p in result.probes if p]
+    if not probed:
+        return rates
+    gemm = max(rates.gemm_gflops, *(p["gemm_gflops"] for p in probed))
+    bandwidth = max(rates.bandwidth_gbs, *(p["bandwidth_gbs"] for p in probed))
+    return Rates(gemm, bandwidth, f"{rates.source}, and of {len(probed)} probes around the repeats (best of {PROBE_REPEAT} each)")
+
+
 def _measured(run, stage: str) -> float | None:
     return run.ms_per_token if stage == "decode" else run.stages.get(stage)
 

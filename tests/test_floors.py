@@ -148,6 +148,10 @@ def test_each_repeat_is_judged_at_the_rates_probed_around_it():
     lines = floors.format_lines(data)
     assert any("3 probes: 10.0-20.0 GB/s" in line for line in lines)
     assert any("1.00x (1.50x)" in line for line in lines)
+    # the best rates are the best the whole bench saw: the probes count
+    raised = floors.best_rates(floors.Rates(100.0, 15.0, "best of 20"), [result])
+    assert (raised.gemm_gflops, raised.bandwidth_gbs) == (100.0, 20.0) and "3 probes" in raised.source
+    assert floors.best_rates(best, [BackendResult("torch-eager")]) == best
     result.probes[1] = None  # a failed probe: that run falls back to the best rates, and says so
     data = floors.report(costs, best, [result])
     assert data["stages"]["decode"]["measured_over_floor"]["onnxruntime"] == pytest.approx(1.5)
@@ -164,4 +168,5 @@ def test_bench_probes_the_rates_around_every_repeat(tiny_engine, tmp_path):
     probes = data["backends"]["onnxruntime"]["rate_probes"]
     assert len(probes) == 3 and all(p["bandwidth_gbs"] > 0 for p in probes)  # before each repeat, after the last
     assert data["floors"]["paired"] and data["floors"]["probes"]["onnxruntime"] == probes
+    assert data["floors"]["rates"]["bandwidth_gbs"] >= max(p["bandwidth_gbs"] for p in probes)
     assert "each repeat / its floor at the rates probed just before and after it" in r.stdout
