@@ -255,7 +255,7 @@ def _build(options, steps, model, export_model, work, max_frames, default_frames
         cfg.clip_weight, options.alignment_dir, work / "tokenizers" / "alignment", detail=lambda r: r.source,
     )
     steps.run("extract LLM (Hugging Face dir)", llm_export.extract_hf_llm, model, work / "llm_hf", llm_tok.path,
-              _source_dtype(options.checkpoint, dtype))
+              _source_dtype(options.checkpoint, dtype), options.checkpoint)
     steps.run("embedding table", llm_export.save_embeddings, model, work / "embeddings.safetensors", dtype)
     text = model.language_model.config
     if options.llm == "onnx":

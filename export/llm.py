@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 BUILDER_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
-def extract_hf_llm(model, out_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> Path:
-    """Save the LLM as a plain transformers directory (config, safetensors, generation config, tokenizer)."""
+def extract_hf_llm(model, out_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype,
+                   checkpoint: Path | None = None) -> Path:
+    """Save the LLM as a plain transformers directory (config, safetensors, generation config,
+    tokenizer). A ``checkpoint`` that ships a SentencePiece ``tokenizer.model`` (a LLaMA / Vicuna
+    one) gives llm_hf/ that file too, unchanged: llama.cpp's converter reads a LLaMA vocabulary from
+    it, scores and token types included, and takes tokenizer.json alone for a GPT-2-style one."""
     from transformers import GenerationConfig
 
     llm = model.language_model
@@ -48,6 +52,8 @@ def extract_hf_llm(model, out_dir: Path, tokenizer_dir: Path | None, dtype: torc
     ).save_pretrained(str(out_dir))
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         write_hf_tokenizer(tokenizer_dir, out_dir, config, model.eos_token_ids, model.config.pad_token_id)
+    if checkpoint is not None and (checkpoint / "tokenizer.model").is_file():
+        shutil.copy2(checkpoint / "tokenizer.model", out_dir / "tokenizer.model")
     return out_dir
 
 

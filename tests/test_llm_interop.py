@@ -116,3 +116,24 @@ def test_engine_llm_loads_in_onnxruntime_genai(tiny_engine, variant):
         want = ours.encode(text).ids
         assert [int(i) for i in tokenizer.encode(text)] == want, text
         assert tokenizer.decode(want) == ours.decode(want, skip_special_tokens=True), text
+
+
+def test_a_checkpoints_sentencepiece_model_travels_to_llm_hf(tiny_dirs, tmp_path):
+    # Bug class: a Vicuna engine whose llm_hf/ lacks the tokenizer.model that llama.cpp's converter
+    # reads a LLaMA vocabulary from (scores and token types); the engine's own tokenization unchanged.
+    import shutil
+
+    from ppllava.export.engine import ExportOptions, export_engine
+    from ppllava.runtime.manifest import file_records
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dirs["vicuna"], checkpoint)
+    model = bytes(range(256)) * 8  # the file is carried, not read: any bytes stand in for a SentencePiece model
+    (checkpoint / "tokenizer.model").write_bytes(model)
+    engine = tmp_path / "engine"
+    export_engine(ExportOptions(checkpoint, engine, llm="none"), report=lambda _: None)
+    hf_dir = engine / Manifest.load(engine).data["llm"]["hf_dir"]
+    assert (hf_dir / "tokenizer.model").read_bytes() == model
+    recorded = Manifest.load(engine).data["files"]  # checksummed like every file of the engine dir
+    assert recorded["llm_hf/tokenizer.model"] == file_records(engine, [hf_dir / "tokenizer.model"])["llm_hf/tokenizer.model"]
+    check_llm_hf_tokenizer(engine)
