@@ -3,6 +3,7 @@ PyTorch baseline. Imported lazily by the bench command, only for those options."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,9 +50,22 @@ def int8_vision_variant(engine: Path, root: Path, report=print) -> bool:
     from ppllava.errors import QuantizationError
     from ppllava.runtime.manifest import Manifest
 
-    existing = Manifest.load(engine).stage_variant("vision", "onnxruntime:int8")
+    manifest = Manifest.load(engine)
+    existing = manifest.stage_variant("vision", "onnxruntime:int8")
     if existing is not None:
         return not existing.get("below_threshold")
+    # a refusal is remembered for this very engine (a rebuilt one tries again): the same random
+    # weights, clips and threshold would only be refused again, minutes later, on every bench run
+    refused = root / "int8-vision-refused.json"
+    identity = {"fingerprint": manifest.data["source"].get("fingerprint"), "created_at": manifest.data.get("created_at")}
+    try:
+        before = json.loads(refused.read_text())
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict) and before.get("engine") == identity:
+        report(f"int8 vision was refused for this engine before ({before.get('reason')}); the bench runs the "
+               f"exported stages (delete {refused} to try again)")
+        return False
     videos = root / "calibration-videos"
     videos.mkdir(parents=True, exist_ok=True)
     paths = [_synthetic_video(videos / f"clip{i}.mp4", seed=i) for i in range(HELD_OUT_CLIPS)]
@@ -61,6 +75,7 @@ def int8_vision_variant(engine: Path, root: Path, report=print) -> bool:
         result = quantize_stages(engine, root / "calibration", ["vision"], "int8", progress=report, method="dynamic")
     except QuantizationError as exc:
         report(f"int8 vision not recorded ({exc}); the bench runs the exported stages")
+        refused.write_text(json.dumps({"engine": identity, "reason": str(exc)}, indent=2) + "\n")
         return False
     report(f"int8 vision recorded: visual-token cosine min {result['visual_tokens']['cosine_min']:.5f} on "
            f"{result['held_out_clips']} held-out clips")

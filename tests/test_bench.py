@@ -283,3 +283,31 @@ def test_plot_shows_p50_p95_settings_and_device(measured, engine, tmp_path):
     matplotlib.pyplot.close(fig)
     png = tmp_path / "b.png"
     assert bench.plot(data, png) == c and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_refused_int8_vision_is_not_retried_for_the_same_engine(engine, tmp_path, monkeypatch):
+    # Bug class: every `bench --random-weights` run calibrating and quantizing again (minutes) only
+    # to be refused by the same threshold on the same weights.
+    import ppllava.calibration.dataset as dataset
+    import ppllava.calibration.quantize as quantize
+    from ppllava.errors import QuantizationError
+    from ppllava.export.bench_support import int8_vision_variant
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    attempts, lines = [], []
+    monkeypatch.setattr(dataset, "build_calibration_set", lambda *a, **k: None)
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise QuantizationError("vision: features cosine 0.948 < 0.99; not recorded")
+
+    monkeypatch.setattr(quantize, "quantize_stages", refuse)
+    assert not int8_vision_variant(copy, tmp_path, lines.append)
+    assert not int8_vision_variant(copy, tmp_path, lines.append)
+    assert len(attempts) == 1 and "refused for this engine before (vision: features cosine 0.948" in lines[-1]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["created_at"] = "2026-12-02T00:00:00Z"  # an engine built again: tried again
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert not int8_vision_variant(copy, tmp_path, lines.append)
+    assert len(attempts) == 2
