@@ -73,8 +73,9 @@ def cmd_quantize(args) -> int:
     report = quantize_stages(args.engine_dir, args.calib, [s.strip() for s in args.stages.split(",") if s.strip()],
                              args.precision, progress=_say, enforce_thresholds=not args.no_threshold,
                              method=args.method)
-    print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']} "
-          f"{report['method']}, {report['held_out_clips']} held-out clips)")
+    together = ", ".join(f"{stage} {method}" for stage, method in report["methods"].items())
+    print(f"{'output':<16} {'cosine mean':>12} {'cosine min':>11} {'max abs err':>12}   ({report['precision']}: "
+          f"{together}; {report['held_out_clips']} held-out clips)")
     for name in ("features", "text_embedding", "visual_tokens"):
         r = report[name]
         print(f"{name:<16} {r['cosine_mean']:>12.5f} {r['cosine_min']:>11.5f} {r['max_abs_error']:>12.4g}")

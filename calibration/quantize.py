@@ -30,7 +30,7 @@ import numpy as np
 from ppllava.errors import InputError, QuantizationError
 from ppllava.runtime.backends import STAGES
 from ppllava.runtime.backends.onnxruntime import OrtStage
-from ppllava.runtime.manifest import Manifest, add_variants, variant_record, write_json_atomic
+from ppllava.runtime.manifest import Manifest, add_variants, variant_key, variant_record, write_json_atomic
 from ppllava.runtime.scratch import require_free, scratch_dir, sweep, temp_files_in
 from ppllava.thresholds import QUANT_STAGES
 
@@ -142,10 +142,20 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     # Everything is built and judged in a scratch directory beside the engine dir; the engine dir
     # changes only at the end (new files under new names, then the manifest, then the old files go),
     # so a failure at any point leaves it exactly as it was.
+    # The other stages' passing variants at this precision (an earlier run's) run beside these by
+    # default: the combination is what gets judged, not each run's stages alone.
+    earlier, methods = {}, dict.fromkeys(stages, method)
+    for stage in STAGES:
+        record = manifest.stage_variant(stage, variant_key("onnxruntime", precision))
+        if stage not in stages and record is not None and not record.get("below_threshold"):
+            earlier[stage], methods[stage] = manifest.path(record), record.get("method", "qdq")
+    if earlier:
+        progress(f"judged together with the {precision} {', '.join(sorted(earlier))} recorded before")
     with scratch_dir(engine_dir, "quant") as scratch:
         built = {stage: quantize_one(manifest, stage, precision, calibrate, scratch, progress) for stage in stages}
-        report = _accuracy(manifest, built, held_out, precision)
+        report = _accuracy(manifest, {**earlier, **built}, held_out, precision)
         report["method"] = method
+        report["quantized_now"], report["methods"] = sorted(built), dict(sorted(methods.items()))
         worst = report["visual_tokens"]["cosine_min"]
         report["below_threshold"] = worst < THRESHOLDS["visual_tokens_cosine"]
         update_report(engine_dir, ("stages", precision), report)

@@ -313,3 +313,30 @@ def test_quantize_cli_bad_method_is_one_line(setup):
                         "vision", "--precision", "fp8", "--method", "dynamic"], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--method dynamic quantizes to int8 only" in lines[0], r.stderr
+
+
+@pytest.mark.numerics
+def test_stages_quantized_in_two_runs_are_judged_together(setup, monkeypatch):
+    # Bug class: a second run (text) judged with the FP vision stage, while the runtime's default
+    # chains it with the int8 vision an earlier run recorded: a combination nobody judged.
+    import shutil
+
+    import ppllava.calibration.quantize as quantize
+
+    engine, _, calib, _ = setup
+    work = engine.parent / "engine_q_two_runs"
+    shutil.copytree(engine, work)
+    # a verdict on random tiny weights only says how the draw fell (test_int8_stages): let both pass
+    monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", -1.0)
+    first = quantize.quantize_stages(work, calib, ["vision"], "int8", progress=lambda _: None, method="dynamic")
+    lines = []
+    second = quantize.quantize_stages(work, calib, ["text"], "int8", progress=lines.append, method="dynamic")
+    assert first["stages"] == first["quantized_now"] == ["vision"]
+    assert second["stages"] == ["text", "vision"] and second["quantized_now"] == ["text"]
+    assert second["methods"] == {"text": "dynamic", "vision": "dynamic"}
+    assert any("judged together with the int8 vision recorded before" in line for line in lines)
+    # the features are the int8 vision stage's (an FP vision stage would give them exactly)
+    assert second["features"] == first["features"] and second["features"]["max_abs_error"] > 0
+    manifest = Manifest.load(work)
+    assert {s for s in ("vision", "text", "pool") if manifest.stage_variant(s, "onnxruntime:int8")} == {"vision", "text"}
+    assert json.loads((work / "quant.json").read_text())["stages"]["int8"] == second
