@@ -29,7 +29,7 @@ import numpy as np
 
 from ppllava.errors import InputError, QuantizationError
 from ppllava.runtime.backends import STAGES
-from ppllava.runtime.backends.onnxruntime import OrtStage
+from ppllava.runtime.backends.onnxruntime import DEFAULT_QUANTIZED, OrtStage, runs_by_default
 from ppllava.runtime.manifest import Manifest, add_variants, variant_key, variant_record, write_json_atomic
 from ppllava.runtime.scratch import require_free, scratch_dir, sweep, temp_files_in
 from ppllava.thresholds import QUANT_STAGES
@@ -142,12 +142,14 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     # Everything is built and judged in a scratch directory beside the engine dir; the engine dir
     # changes only at the end (new files under new names, then the manifest, then the old files go),
     # so a failure at any point leaves it exactly as it was.
-    # The other stages' passing variants at this precision (an earlier run's) run beside these by
-    # default: the combination is what gets judged, not each run's stages alone.
+    # The other stages' variants that will run beside these (an earlier run's) are judged with them:
+    # for a dynamic int8 run, those the CPU default runs (runs_by_default); else every variant at
+    # this precision, which --precision runs. The combination is judged, not each run alone.
     earlier, methods = {}, dict.fromkeys(stages, method)
     for stage in STAGES:
         record = manifest.stage_variant(stage, variant_key("onnxruntime", precision))
-        if stage not in stages and record is not None and not record.get("below_threshold"):
+        default_run = method == "dynamic" and precision == DEFAULT_QUANTIZED
+        if stage not in stages and record is not None and (runs_by_default(record) or not default_run):
             earlier[stage], methods[stage] = manifest.path(record), record.get("method", "qdq")
     if earlier:
         progress(f"judged together with the {precision} {', '.join(sorted(earlier))} recorded before")
@@ -244,6 +246,16 @@ def _quantize_one(moq, manifest, stage: str, precision: str, calibrate: list[dic
     except Exception as exc:  # ModelOpt raises many types; the first line says what failed
         raise QuantizationError(f"ModelOpt could not quantize the {stage} stage: {str(exc).strip().splitlines()[0]}") from exc
     return output
+
+
+def read_report(engine_dir: Path, keys: tuple[str, str]) -> dict | None:
+    """One report of quant.json (``update_report``'s keys), or None."""
+    try:
+        data = json.loads((engine_dir / QUANT_JSON).read_text())
+        report = data[keys[0]][keys[1]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def update_report(engine_dir: Path, keys: tuple[str, str], report: dict) -> None:

@@ -3,7 +3,6 @@ PyTorch baseline. Imported lazily by the bench command, only for those options."
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -46,25 +45,22 @@ def int8_vision_variant(engine: Path, root: Path, report=print) -> bool:
     --precision int8`` (dynamic: every clip is held out), recorded only if it passes the accuracy
     threshold. True if a passing variant is (or already was) recorded."""
     from ppllava.calibration.dataset import build_calibration_set
-    from ppllava.calibration.quantize import quantize_stages
+    from ppllava.calibration.quantize import QUANT_JSON, THRESHOLDS, quantize_stages, read_report
     from ppllava.errors import QuantizationError
     from ppllava.runtime.manifest import Manifest
 
-    manifest = Manifest.load(engine)
-    existing = manifest.stage_variant("vision", "onnxruntime:int8")
+    existing = Manifest.load(engine).stage_variant("vision", "onnxruntime:int8")
     if existing is not None:
         return not existing.get("below_threshold")
-    # a refusal is remembered for this very engine (a rebuilt one tries again): the same random
-    # weights, clips and threshold would only be refused again, minutes later, on every bench run
-    refused = root / "int8-vision-refused.json"
-    identity = {"fingerprint": manifest.data["source"].get("fingerprint"), "created_at": manifest.data.get("created_at")}
-    try:
-        before = json.loads(refused.read_text())
-    except (OSError, ValueError):
-        before = None
-    if isinstance(before, dict) and before.get("engine") == identity:
-        report(f"int8 vision was refused for this engine before ({before.get('reason')}); the bench runs the "
-               f"exported stages (delete {refused} to try again)")
+    # A refusal stands for this engine (a rebuilt one has no quant.json): the same random weights,
+    # clips and threshold would only be refused again, minutes later, on every bench run.
+    refused = read_report(engine, ("stages", "int8"))
+    if (refused and refused.get("below_threshold") and refused.get("quantized_now") == ["vision"]
+            and refused.get("method") == "dynamic" and refused.get("thresholds") == THRESHOLDS
+            and refused.get("held_out_clips") == HELD_OUT_CLIPS):
+        report(f"int8 vision was refused for this engine before (visual-token cosine min "
+               f"{refused['visual_tokens']['cosine_min']:.4f} < {THRESHOLDS['visual_tokens_cosine']}, "
+               f"{engine / QUANT_JSON}); the bench runs the exported stages")
         return False
     videos = root / "calibration-videos"
     videos.mkdir(parents=True, exist_ok=True)
@@ -75,7 +71,6 @@ def int8_vision_variant(engine: Path, root: Path, report=print) -> bool:
         result = quantize_stages(engine, root / "calibration", ["vision"], "int8", progress=report, method="dynamic")
     except QuantizationError as exc:
         report(f"int8 vision not recorded ({exc}); the bench runs the exported stages")
-        refused.write_text(json.dumps({"engine": identity, "reason": str(exc)}, indent=2) + "\n")
         return False
     report(f"int8 vision recorded: visual-token cosine min {result['visual_tokens']['cosine_min']:.5f} on "
            f"{result['held_out_clips']} held-out clips")

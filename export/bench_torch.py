@@ -70,7 +70,7 @@ def _answer(model: PPLLaVA, clock: _Clock, features, question: str, pipe, option
 def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", log_line=print,
                 memory: HostMemory | None = None, probe=None) -> BackendResult:
     """Same schedule as ``bench_pipeline``: cold run, warm-up, repeats of first question + follow-ups,
-    ``probe`` (a ``floors.RateProbe``) before each measured repeat and after the last.
+    ``probe`` (a ``rate_probe.RateProbe``) before each measured repeat and after the last.
     ``memory``: the host-memory window (default: from now, before the model is loaded)."""
     memory = memory or HostMemory()
     device = torch.device(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -94,12 +93,11 @@ def generate_from_embeds(
     device = inputs_embeds.device
     chooser = TokenChooser(options, device)
     cache = DynamicCache()
-    # Only the last position's logits are used: ask for those alone where the model takes
-    # ``logits_to_keep`` (as transformers' own generate does), not a vocabulary-wide GEMM per position.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(llm.forward).parameters else {}
+    # Only the last position's logits are used: ask for those alone (as transformers' own generate
+    # does; Llama and Qwen2 take ``logits_to_keep`` on 4.x and 5.x), not a vocabulary-wide GEMM per position.
     logits = llm(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True, **last_only,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
     ).logits[:, -1]
     history = torch.zeros(1, 0, dtype=torch.long, device=device)
     for step in range(max_new_tokens):

@@ -167,7 +167,7 @@ class BackendResult:
     memory: dict = field(default_factory=dict)  # HostMemory.stop(): baseline, own rise, method
     inputs: dict = field(default_factory=dict)  # frames, visual_tokens, prompt_tokens (per question) of the cold run
     runtime: dict = field(default_factory=dict)  # backend, precision, stage_precisions, providers, threads, engine_fingerprint
-    probes: list = field(default_factory=list)  # floors.RateProbe results: before each repeat and after the last
+    probes: list = field(default_factory=list)  # rate_probe.RateProbe results: before each repeat and after the last
 
     def finish(self, memory: HostMemory) -> None:
         self.memory = memory.stop()
@@ -231,7 +231,7 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
                    memory: HostMemory | None = None, probe=None) -> BackendResult:
     """Measure the pipeline (the product's path: ``Pipeline.ask``). ``memory``: a window the caller
     started before opening ``pipe`` (default: one started now, so opening is not counted).
-    ``probe``: a ``floors.RateProbe``, run before each measured repeat and after the last."""
+    ``probe``: a ``rate_probe.RateProbe``, run before each measured repeat and after the last."""
     from ppllava.runtime.cache import FeatureCache
 
     options.validate()

@@ -314,13 +314,14 @@ def cmd_bench(args) -> int:
     for precision in variants:  # refuse a missing variant before anything is measured
         backend(Manifest.load(engine_dir), BackendOptions(precision=precision))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    skip_floors = _floors_skipped(engine_dir, args, compare) if args.floors else "not asked for"
-    if args.floors and skip_floors:
-        say(f"floors: skipped ({skip_floors})")
-    from ppllava.runtime.floors import RateProbe
+    want_floors = args.floors
+    if want_floors and (why := _floors_skipped(engine_dir, args, compare)):
+        say(f"floors: skipped ({why})")
+        want_floors = False
+    from ppllava.runtime.rate_probe import RateProbe
 
-    # measured rates are probed again around every repeat (floors.RateProbe); given ones stand
-    probing = not skip_floors and args.gemm_gflops is None and args.bandwidth_gbs is None
+    # measured rates are probed again around every repeat (rate_probe.RateProbe); given ones stand
+    probing = want_floors and args.gemm_gflops is None and args.bandwidth_gbs is None
     with (RateProbe(args.threads) if probing else contextlib.nullcontext()) as probe:
         providers = args.providers  # BackendOptions splits "cuda,cpu"
         memory = bench.HostMemory()  # each backend's window opens before it is: its weights count
@@ -340,8 +341,8 @@ def cmd_bench(args) -> int:
     # ratios are baseline / other: the torch reference where it ran, else the default run
     baseline = results[-1].name if "torch" in compare else results[0].name
     data = bench.report(engine_dir, options, results, baseline=baseline)
-    if not skip_floors:
-        data["floors"] = _floors(engine_dir, options, args, results, say)
+    if want_floors:
+        data["floors"] = _floors(engine_dir, options, args, results, say, probing)
     print(bench.format_table(data))
     if args.json:
         bench.write_json(data, args.json)
@@ -380,7 +381,7 @@ def _floors_skipped(engine_dir, args, compare: list[str]) -> str | None:
     return None
 
 
-def _floors(engine_dir, options, args, results: list, say) -> dict | None:
+def _floors(engine_dir, options, args, results: list, say, probed: bool) -> dict | None:
     """Each stage's floor on this machine (ppllava.runtime.floors), beside what every run measured;
     None (with a line saying why) where they cannot be counted. A failure here costs the floors
     only, never the measurements."""
@@ -396,7 +397,7 @@ def _floors(engine_dir, options, args, results: list, say) -> dict | None:
     except PPLLaVAError as exc:
         say(f"floors: not measured ({exc})")
         return None
-    if args.gemm_gflops is None and args.bandwidth_gbs is None:
+    if probed:
         rates = floors.best_rates(rates, results)
     return floors.report(costs, rates, results)
 

@@ -1,10 +1,11 @@
 """What each stage could take on this machine at best, so a latency says what is left.
 
-Two machine rates, measured in this process with onnxruntime on the threads the bench runs with
-(or given by the user): the fp32 GEMM rate (MLAS SGEMM on a 2048x1024x1024 MatMul) and the rate at
-which a decode-shaped MatMul (one row against a 256 MiB weight) reads its weights, the memory
-bandwidth a decode step can use. Both are the best of several runs: a floor is what the machine can
-do, not what it did on average.
+Two machine rates, measured with onnxruntime on the threads the bench runs with (or given by the
+user): the fp32 GEMM rate (MLAS SGEMM on a 2048x1024x1024 MatMul) and the rate at which a
+decode-shaped MatMul (one row against a 256 MiB weight) reads its weights, the memory bandwidth a
+decode step can use. Both are the best of several runs, after the bench's runs and (``rate_probe``)
+around each of its repeats: a floor is what the machine can do, not what it did on average; each
+repeat is also judged against its floor at the rates probed around it (``paired_ratio``).
 
 Two costs per stage, counted from onnxruntime's own profile of one answer on the exported (fp32)
 stages with the bench's inputs: the FLOPs of its matrix products (MatMul, Gemm, Conv, the LLM's
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -58,7 +58,7 @@ def _best_seconds(run, repeat: int) -> float:
     return best
 
 
-class _Rater:
+class Rater:
     """One onnxruntime MatMul session on ``threads`` and its two feeds: the GEMM and the
     decode-shaped weight read."""
 
@@ -84,79 +84,7 @@ class _Rater:
 def measure_rates(threads: int | None = None, repeat: int = 20) -> Rates:
     """This machine's fp32 GEMM rate and decode-shaped weight-read bandwidth, with onnxruntime on
     ``threads`` (None: its default)."""
-    return _Rater(threads).rates(repeat)
-
-
-PROBE_REPEAT = 3  # a probe between repeats: best of 3 of each product, ~0.2 s
-PROBE_TIMEOUT_S = 120.0
-
-
-class RateProbe:
-    """The two rates measured again between the bench's repeats, so that each repeat is judged
-    against what the machine could do at that moment: on a shared machine (a cloud VM) both move by
-    tens of percent within seconds, and a median over a minute against the best of one moment mixes
-    that into the ratio. The probe runs in a helper process on the same threads, so its 256 MiB of
-    weights stay out of the bench's memory figures; the helper waits on a pipe between probes (no
-    spinning threads). ``probe()`` returns {"gemm_gflops", "bandwidth_gbs"}, or None once the helper
-    has failed (the floors then fall back to the rates measured after the runs)."""
-
-    def __init__(self, threads: int | None, repeat: int = PROBE_REPEAT):
-        import subprocess
-
-        self.repeat = repeat
-        self.proc = None
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ppllava.runtime.floors", str(threads or 0)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         text=True)
-            if self._line() != "ready":
-                self.close()
-        except OSError:
-            self.close()
-
-    def _line(self) -> str | None:
-        import select
-
-        ready, _, _ = select.select([self.proc.stdout], [], [], PROBE_TIMEOUT_S)
-        return self.proc.stdout.readline().strip() if ready else None
-
-    def __call__(self) -> dict | None:
-        if self.proc is None:
-            return None
-        try:
-            self.proc.stdin.write(f"{self.repeat}\n")
-            self.proc.stdin.flush()
-            rates = json.loads(self._line() or "null")
-            return {"gemm_gflops": float(rates["gemm_gflops"]), "bandwidth_gbs": float(rates["bandwidth_gbs"])}
-        except (OSError, ValueError, TypeError, KeyError):
-            self.close()
-            return None
-
-    def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()
-            proc.wait(timeout=10)
-        except Exception:  # a helper that does not end on EOF is killed: nothing of it may outlive the bench
-            proc.kill()
-            proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _serve_probes(threads: int) -> None:
-    """``python -m ppllava.runtime.floors THREADS``: the helper of ``RateProbe``; one line in (the
-    repeat count), one JSON line out, until its input closes."""
-    rater = _Rater(threads or None)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        print(json.dumps(asdict(rater.rates(int(line)))), flush=True)
+    return Rater(threads).rates(repeat)
 
 
 def check_rates(gemm_gflops: float | None, bandwidth_gbs: float | None) -> None:
@@ -287,6 +215,8 @@ def floors_ms(costs: dict, rates: Rates) -> dict:
 def best_rates(rates: Rates, results: list) -> Rates:
     """``rates`` raised to the best any probe around the repeats measured (``results``' probes): the
     floor is what this machine did at its best during the bench, not in the moment after it."""
+    from ppllava.runtime.rate_probe import PROBE_REPEAT
+
     probed = [p for result in results for p in result.probes if p]
     if not probed:
         return rates
@@ -299,9 +229,9 @@ def _measured(run, stage: str) -> float | None:
     return run.ms_per_token if stage == "decode" else run.stages.get(stage)
 
 
-def paired_ratio(values: list[float | None], probes: list[dict | None], stage: str, cost: dict) -> float | None:
-    """The median over repeats of (repeat's time / its floor at the rates probed just before and just
-    after it, the better of the two); None unless every repeat has both probes."""
+def paired_ratios(values: list[float | None], probes: list[dict | None], stage: str, cost: dict) -> list[float] | None:
+    """Per repeat: its time / its floor at the rates probed just before and just after it (the better
+    of the two); None unless every repeat has both probes."""
     if len(probes) != len(values) + 1 or any(p is None for p in probes):
         return None
     ratios = []
@@ -311,29 +241,32 @@ def paired_ratio(values: list[float | None], probes: list[dict | None], stage: s
         near = Rates(max(probes[i]["gemm_gflops"], probes[i + 1]["gemm_gflops"]),
                      max(probes[i]["bandwidth_gbs"], probes[i + 1]["bandwidth_gbs"]), "probes")
         ratios.append(value / floors_ms({stage: cost}, near)[stage]["floor_ms"])
-    return float(np.median(ratios)) if ratios else None
+    return ratios or None
 
 
 def report(costs: dict, rates: Rates, results: list) -> dict:
     """The bench report's ``floors``: the rates, and per stage its costs, its floor at those rates and,
-    per run (``results``: the bench's BackendResults, first questions), ``measured_over_floor``: paired
-    with the rate probes around each repeat where they ran (``RateProbe``), else the median against
-    the floor at ``rates``, which is also kept as ``measured_over_best_floor``."""
+    per run (``results``: the bench's BackendResults, first questions), ``measured_over_floor``: the
+    median of ``paired_ratios`` (also kept, as ``paired_per_repeat``) where the rate probes ran
+    around every repeat (``paired`` says per run), else the median against the floor at ``rates``,
+    which is also kept as ``measured_over_best_floor``."""
     stages = floors_ms(costs, rates)
     probes = {r.name: r.probes for r in results if r.probes}
+    paired = {r.name: bool(r.probes) and all(p is not None for p in r.probes) for r in results}
     for stage, floor in stages.items():
-        floor["measured_over_floor"], floor["measured_over_best_floor"] = {}, {}
+        floor["measured_over_floor"], floor["measured_over_best_floor"], floor["paired_per_repeat"] = {}, {}, {}
         for result in results:
             values = [_measured(run, stage) for run in result.first]
             present = [v for v in values if v]
             if not present or floor["floor_ms"] <= 0:
                 continue
             best = float(np.median(present)) / floor["floor_ms"]
-            paired = paired_ratio(values, result.probes, stage, costs[stage]) if result.probes else None
-            floor["measured_over_best_floor"][result.name] = best
-            floor["measured_over_floor"][result.name] = best if paired is None else paired
-    return {"rates": asdict(rates), "stages": stages, "probes": probes,
-            "paired": bool(probes) and all(p is not None for run in probes.values() for p in run)}
+            floor["measured_over_best_floor"][result.name] = floor["measured_over_floor"][result.name] = best
+            ratios = paired_ratios(values, result.probes, stage, costs[stage]) if paired[result.name] else None
+            if ratios:
+                floor["paired_per_repeat"][result.name] = ratios
+                floor["measured_over_floor"][result.name] = float(np.median(ratios))
+    return {"rates": asdict(rates), "stages": stages, "probes": probes, "paired": paired}
 
 
 def _span(values: list[float], unit: str, digits: int) -> str:
@@ -346,16 +279,16 @@ def format_lines(floors: dict) -> list[str]:
     names = list(dict.fromkeys(n for f in floors["stages"].values() for n in f["measured_over_floor"]))
     lines = [f"floors: fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s, weight reads {r['bandwidth_gbs']:.1f} GB/s ({r['source']})",
              "        (the fp32 export's costs at these rates: a run at another precision can go below 1.0x)"]
+    paired = {n: bool((floors.get("paired") or {}).get(n)) for n in names}
     probed = [p for run in (floors.get("probes") or {}).values() for p in run if p]
-    paired = floors.get("paired")
     if probed:
         lines.append(f"        each repeat / its floor at the rates probed just before and after it (a helper process; "
                      f"{len(probed)} probes: {_span([p['bandwidth_gbs'] for p in probed], 'GB/s', 1)}, "
-                     f"{_span([p['gemm_gflops'] for p in probed], 'GFLOP/s', 0)}), median;"
-                     + (" in brackets: median / the floor above" if paired else " some probes failed: median / the floor above"))
-    elif floors.get("probes"):
-        lines.append("        (the rate probes failed: medians / the floor above)")
-    width = {n: max(14, len(n) + 8) + (9 if paired else 0) for n in names}
+                     f"{_span([p['gemm_gflops'] for p in probed], 'GFLOP/s', 0)}), median; in brackets: median / the floor above")
+    unpaired = [n for n in names if not paired[n]]
+    if floors.get("probes") and unpaired:
+        lines.append(f"        (rate probes failed for {', '.join(unpaired)}: median / the floor above, marked *)")
+    width = {n: max(14, len(n) + 8) + (9 if any(paired.values()) else 0) for n in names}
     lines.append(f"{'stage':<16}{'GFLOP':>10}{'MiB read':>10}{'floor ms':>10}  {'bound':<8}"
                  + "".join(f"  {n + ' / floor':>{width[n]}}" for n in names))
 
@@ -363,8 +296,10 @@ def format_lines(floors: dict) -> list[str]:
         if n not in f["measured_over_floor"]:
             return f"  {'-':>{width[n]}}"
         text = f"{f['measured_over_floor'][n]:.2f}x"
-        if paired:
+        if paired[n]:
             text += f" ({f['measured_over_best_floor'][n]:.2f}x)"
+        elif floors.get("probes"):
+            text += "*"
         return f"  {text:>{width[n]}}"
 
     for stage, f in floors["stages"].items():
@@ -372,6 +307,3 @@ def format_lines(floors: dict) -> list[str]:
         lines.append(f"{label:<16}{f['gflop']:>10.2f}{f['mib_read']:>10.1f}{f['floor_ms']:>10.2f}  {f['bound']:<8}"
                      + "".join(cell(f, n) for n in names))
     return lines
-
-if __name__ == "__main__":
-    _serve_probes(int(sys.argv[1]))

@@ -287,27 +287,25 @@ def test_plot_shows_p50_p95_settings_and_device(measured, engine, tmp_path):
 
 def test_a_refused_int8_vision_is_not_retried_for_the_same_engine(engine, tmp_path, monkeypatch):
     # Bug class: every `bench --random-weights` run calibrating and quantizing again (minutes) only
-    # to be refused by the same threshold on the same weights.
-    import ppllava.calibration.dataset as dataset
+    # to be refused by the same threshold on the same weights; or a refusal that outlives its cause.
     import ppllava.calibration.quantize as quantize
-    from ppllava.errors import QuantizationError
     from ppllava.export.bench_support import int8_vision_variant
 
     copy = tmp_path / "engine"
     shutil.copytree(engine, copy)
     attempts, lines = [], []
-    monkeypatch.setattr(dataset, "build_calibration_set", lambda *a, **k: None)
+    real = quantize.quantize_stages
 
-    def refuse(*args, **kwargs):
+    def counted(*args, **kwargs):
         attempts.append(args)
-        raise QuantizationError("vision: features cosine 0.948 < 0.99; not recorded")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(quantize, "quantize_stages", refuse)
+    monkeypatch.setattr(quantize, "quantize_stages", counted)
+    monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", 1.5)  # no cosine passes: refused
     assert not int8_vision_variant(copy, tmp_path, lines.append)
+    assert len(attempts) == 1 and "int8 vision not recorded (int8 visual tokens reach cosine" in lines[-1]
     assert not int8_vision_variant(copy, tmp_path, lines.append)
-    assert len(attempts) == 1 and "refused for this engine before (vision: features cosine 0.948" in lines[-1]
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["created_at"] = "2026-12-02T00:00:00Z"  # an engine built again: tried again
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert not int8_vision_variant(copy, tmp_path, lines.append)
-    assert len(attempts) == 2
+    assert len(attempts) == 1 and "int8 vision was refused for this engine before (visual-token cosine min" in lines[-1]
+    monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", -1.0)  # another threshold: tried again
+    assert int8_vision_variant(copy, tmp_path, lines.append)
+    assert len(attempts) == 2 and "int8 vision recorded" in lines[-1]

@@ -340,3 +340,10 @@ def test_stages_quantized_in_two_runs_are_judged_together(setup, monkeypatch):
     manifest = Manifest.load(work)
     assert {s for s in ("vision", "text", "pool") if manifest.stage_variant(s, "onnxruntime:int8")} == {"vision", "text"}
     assert json.loads((work / "quant.json").read_text())["stages"]["int8"] == second
+    # a Q/DQ vision variant (made for TensorRT) does not run beside a dynamic text stage by default,
+    # so it is not judged with it; a Q/DQ run would be (--precision int8 runs every int8 variant)
+    data = json.loads((work / "manifest.json").read_text())
+    data["stages"]["vision"]["variants"]["onnxruntime:int8"]["method"] = "qdq"
+    (work / "manifest.json").write_text(json.dumps(data))
+    third = quantize.quantize_stages(work, calib, ["text"], "int8", progress=lambda _: None, method="dynamic")
+    assert third["stages"] == ["text"] and third["features"]["max_abs_error"] == 0

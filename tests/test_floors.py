@@ -111,10 +111,12 @@ def test_bench_reports_floors_beside_every_run(tiny_engine, tmp_path):
     assert "onnxruntime-fp32 / floor" in r.stdout
 
 
-def test_rate_probe_runs_in_a_helper_process_and_fails_softly():
+def test_rate_probe_runs_in_a_helper_process_and_fails_softly(caplog):
     import os
 
-    with floors.RateProbe(threads=1, repeat=1) as probe:
+    from ppllava.runtime.rate_probe import RateProbe
+
+    with RateProbe(threads=1, repeat=1) as probe:
         proc = probe.proc
         assert proc is not None and proc.pid != os.getpid()
         first, second = probe(), probe()
@@ -123,9 +125,19 @@ def test_rate_probe_runs_in_a_helper_process_and_fails_softly():
         proc.kill()  # a helper that died: no exception, no rates, nothing left running
         proc.wait()
         assert probe() is None and probe.proc is None
-    with floors.RateProbe(threads=1, repeat=1) as probe:
+    with RateProbe(threads=1, repeat=1) as probe:
         proc = probe.proc
     assert probe.proc is None and proc.poll() is not None  # closing ends the helper
+    # a helper that cannot start says why, once
+    with RateProbe(1, command=[sys.executable, "-c", "import sys; sys.stderr.write('no onnxruntime here\\n'); sys.exit(3)"]) as probe:
+        assert probe.proc is None and probe() is None
+    assert "the rate probe stopped (it did not start; no onnxruntime here)" in caplog.text
+    # a helper that hangs costs one timeout, then it is gone
+    hang = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"]
+    with RateProbe(1, command=hang, probe_timeout_s=0.5) as probe:
+        proc = probe.proc
+        assert probe() is None and probe.proc is None and proc.poll() is not None
+    assert "the rate probe stopped (no answer in 0.5 s)" in caplog.text
 
 
 def test_each_repeat_is_judged_at_the_rates_probed_around_it():
@@ -135,27 +147,35 @@ def test_each_repeat_is_judged_at_the_rates_probed_around_it():
     costs = {"decode": {"flops": 1.0, "weight_bytes": 10**9}}
     best = floors.Rates(100.0, 20.0, "best of 20")
     result = BackendResult("onnxruntime")
-    # decode ms/token = decode / (new_tokens - 1): 100 ms then 50 ms per token
-    result.first = [Run({"decode": 100.0}, 100.0, 2), Run({"decode": 50.0}, 50.0, 2)]
-    result.probes = [{"gemm_gflops": 100.0, "bandwidth_gbs": 10.0}, {"gemm_gflops": 100.0, "bandwidth_gbs": 10.0},
-                     {"gemm_gflops": 100.0, "bandwidth_gbs": 20.0}]
+    # decode ms/token = decode / (new_tokens - 1): 50, 100, 50 ms per token
+    result.first = [Run({"decode": 50.0}, 50.0, 2), Run({"decode": 100.0}, 100.0, 2), Run({"decode": 50.0}, 50.0, 2)]
+    rates = [{"gemm_gflops": 100.0, "bandwidth_gbs": bw} for bw in (20.0, 10.0, 10.0, 20.0)]
+    result.probes = list(rates)
     data = floors.report(costs, best, [result])
     decode = data["stages"]["decode"]
-    # repeat 1 ran while 10 GB/s was there (floor 100 ms), repeat 2 next to a 20 GB/s probe (50 ms)
+    # each repeat next to its better probe: before it (20), neither (10), after it (20): floors 50, 100, 50 ms
+    assert decode["paired_per_repeat"]["onnxruntime"] == pytest.approx([1.0, 1.0, 1.0])
     assert decode["measured_over_floor"]["onnxruntime"] == pytest.approx(1.0)
-    assert decode["measured_over_best_floor"]["onnxruntime"] == pytest.approx(75.0 / 50.0)
-    assert data["paired"] and data["probes"]["onnxruntime"] == result.probes
+    assert decode["measured_over_best_floor"]["onnxruntime"] == pytest.approx(50.0 / 50.0)
+    assert data["paired"] == {"onnxruntime": True} and data["probes"]["onnxruntime"] == result.probes
     lines = floors.format_lines(data)
-    assert any("3 probes: 10.0-20.0 GB/s" in line for line in lines)
-    assert any("1.00x (1.50x)" in line for line in lines)
+    assert any("4 probes: 10.0-20.0 GB/s" in line for line in lines)
+    assert any("1.00x (1.00x)" in line for line in lines)
     # the best rates are the best the whole bench saw: the probes count
     raised = floors.best_rates(floors.Rates(100.0, 15.0, "best of 20"), [result])
-    assert (raised.gemm_gflops, raised.bandwidth_gbs) == (100.0, 20.0) and "3 probes" in raised.source
+    assert (raised.gemm_gflops, raised.bandwidth_gbs) == (100.0, 20.0) and "4 probes" in raised.source
     assert floors.best_rates(best, [BackendResult("torch-eager")]) == best
-    result.probes[1] = None  # a failed probe: that run falls back to the best rates, and says so
-    data = floors.report(costs, best, [result])
-    assert data["stages"]["decode"]["measured_over_floor"]["onnxruntime"] == pytest.approx(1.5)
-    assert not data["paired"] and any("some probes failed" in line for line in floors.format_lines(data))
+    # a failed probe: that run is judged against the best rates alone, and marked
+    other = BackendResult("onnxruntime-fp32")
+    other.first, other.probes = list(result.first), [*rates[:2], None, rates[3]]
+    data = floors.report(costs, best, [result, other])
+    decode = data["stages"]["decode"]
+    assert decode["measured_over_floor"]["onnxruntime-fp32"] == pytest.approx(1.0)  # median 50 / floor 50
+    assert "onnxruntime-fp32" not in decode["paired_per_repeat"]
+    assert data["paired"] == {"onnxruntime": True, "onnxruntime-fp32": False}
+    lines = floors.format_lines(data)
+    assert any("rate probes failed for onnxruntime-fp32" in line for line in lines)
+    assert any("1.00x (1.00x)" in line and "1.00x*" in line for line in lines)
 
 
 def test_bench_probes_the_rates_around_every_repeat(tiny_engine, tmp_path):
@@ -167,6 +187,6 @@ def test_bench_probes_the_rates_around_every_repeat(tiny_engine, tmp_path):
     data = json.loads(out.read_text())
     probes = data["backends"]["onnxruntime"]["rate_probes"]
     assert len(probes) == 3 and all(p["bandwidth_gbs"] > 0 for p in probes)  # before each repeat, after the last
-    assert data["floors"]["paired"] and data["floors"]["probes"]["onnxruntime"] == probes
+    assert data["floors"]["paired"] == {"onnxruntime": True} and data["floors"]["probes"]["onnxruntime"] == probes
     assert data["floors"]["rates"]["bandwidth_gbs"] >= max(p["bandwidth_gbs"] for p in probes)
     assert "each repeat / its floor at the rates probed just before and after it" in r.stdout

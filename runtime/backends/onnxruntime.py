@@ -127,10 +127,8 @@ class OnnxruntimeBackend(HostBackend):
         # precision, opts out). Other providers were not measured with them: they run the export.
         self.key = variant_key(self.name, precision or DEFAULT_QUANTIZED)
         cpu_only = tuple(options.providers) == ("cpu",)
-        # Only the dynamic ones: that is what was measured faster here (a Q/DQ variant, made for
-        # TensorRT, runs on request).
         self.quantized = {n for n in STAGES if (v := manifest.stage_variant(n, self.key))
-                          and (precision or (cpu_only and v.get("method") == "dynamic" and not v.get("below_threshold")))}
+                          and (precision or (cpu_only and runs_by_default(v)))}
         if precision and not self.quantized and not manifest.stage_variant("llm", self.key) and all(
             manifest.stage(n).get("precision") != precision for n in STAGES
         ):
@@ -169,6 +167,13 @@ class OnnxruntimeBackend(HostBackend):
     def device(self) -> DeviceInfo:
         providers = self.options.providers
         return DeviceInfo("cpu" if tuple(providers) == ("cpu",) else "onnxruntime " + ",".join(providers))
+
+
+def runs_by_default(record: dict | None) -> bool:
+    """Whether the backend runs this ``onnxruntime:int8`` stage variant without --precision on the CPU
+    provider: a dynamic one that passed its accuracy threshold. Only the dynamic ones, because that
+    is what measured faster here; a Q/DQ variant (made for TensorRT) runs on request."""
+    return bool(record) and record.get("method") == "dynamic" and not record.get("below_threshold")
 
 
 def onnx_llm_record(manifest: Manifest, precision: str | None) -> dict | None:
