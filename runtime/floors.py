@@ -296,7 +296,7 @@ def format_lines(floors: dict) -> list[str]:
         if n not in f["measured_over_floor"]:
             return f"  {'-':>{width[n]}}"
         text = f"{f['measured_over_floor'][n]:.2f}x"
-        if paired[n]:
+        if n in f.get("paired_per_repeat", {}):
             text += f" ({f['measured_over_best_floor'][n]:.2f}x)"
         elif floors.get("probes"):
             text += "*"

@@ -41,19 +41,20 @@ class RateProbe:
             self.proc = subprocess.Popen(command or [sys.executable, "-m", "ppllava.runtime.rate_probe", str(threads or 0)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
             if self._line(START_TIMEOUT_S) != "ready":
-                self._fail("it did not start")
+                self._fail("it did not start", kill=True)
         except OSError as exc:
             self._fail(str(exc))
         except BaseException:  # Ctrl-C while it starts: nothing of it may outlive the bench
-            self.close()
+            self.close(kill=True)
+            self.errors.close()
             raise
 
     def _line(self, timeout_s: float) -> str | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         return self.proc.stdout.readline().strip() if ready else None
 
-    def _fail(self, why: str) -> None:
-        self.close()
+    def _fail(self, why: str, kill: bool = False) -> None:
+        self.close(kill)
         self.errors.seek(0)
         last = (self.errors.read().strip().splitlines() or [""])[-1]
         log.warning("the rate probe stopped (%s%s): the floors use the rates measured after the runs",
@@ -67,7 +68,7 @@ class RateProbe:
             self.proc.stdin.flush()
             line = self._line(self.probe_timeout_s)
             if line is None:
-                self._fail(f"no answer in {self.probe_timeout_s:g} s")
+                self._fail(f"no answer in {self.probe_timeout_s:g} s", kill=True)  # stuck: it would not read EOF
                 return None
             rates = json.loads(line)
             return {"gemm_gflops": float(rates["gemm_gflops"]), "bandwidth_gbs": float(rates["bandwidth_gbs"])}
@@ -75,12 +76,15 @@ class RateProbe:
             self._fail(f"{type(exc).__name__}: {exc}")
             return None
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End the helper: at the end of its input, or (``kill``, or when it does not end) killed."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         try:
-            proc.stdin.close()  # the helper ends at the end of its input
+            if kill:
+                proc.kill()
+            proc.stdin.close()
             proc.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,12 +132,14 @@ def test_rate_probe_runs_in_a_helper_process_and_fails_softly(caplog):
     # a helper that cannot start says why, once
     with RateProbe(1, command=[sys.executable, "-c", "import sys; sys.stderr.write('no onnxruntime here\\n'); sys.exit(3)"]) as probe:
         assert probe.proc is None and probe() is None
-    assert "the rate probe stopped (it did not start; no onnxruntime here)" in caplog.text
+    assert caplog.text.count("the rate probe stopped (it did not start; no onnxruntime here)") == 1
     # a helper that hangs costs one timeout, then it is gone
     hang = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"]
     with RateProbe(1, command=hang, probe_timeout_s=0.5) as probe:
         proc = probe.proc
+        t0 = time.perf_counter()
         assert probe() is None and probe.proc is None and proc.poll() is not None
+        assert time.perf_counter() - t0 < 5  # the timeout, then killed at once (it would never read its EOF)
     assert "the rate probe stopped (no answer in 0.5 s)" in caplog.text
 
 
