@@ -46,7 +46,9 @@ def _quantize_requires(args) -> list[tuple[str, str]]:
         return [("torch", "ppllava[export]"), ("onnxruntime_genai", "ppllava[export]")]
     if args.llm:
         return [("torch", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
-    if args.method == "dynamic" or (args.method == "auto" and args.precision == "int8"):  # onnxruntime's own
+    from ppllava.calibration.quantize import auto_method
+
+    if (auto_method(args.precision) if args.method == "auto" else args.method) == "dynamic":  # onnxruntime's own
         return [("onnx", "ppllava[export]")]  # (a bad --method/--precision pair is refused by the command)
     return [("onnx", "ppllava[export]"), ("modelopt", "ppllava[quant]")]
 

@@ -55,12 +55,6 @@ def list_videos(source: Path) -> list[Path]:
     raise InputError(f"--videos {source} is neither a directory nor a list file")
 
 
-def open_exported(engine_dir: Path) -> Pipeline:
-    """The pipeline on the stages as exported: calibration and the references quantization is
-    judged against never run an earlier quantization's variants (which ``ask`` picks by default)."""
-    return Pipeline.open_exported(engine_dir)
-
-
 def engine_identity(pipe: Pipeline) -> str:
     return pipe.engine_id
 
@@ -71,7 +65,7 @@ def build_calibration_set(
 ) -> dict:
     if not videos:
         raise InputError("no videos to calibrate on")
-    pipe = open_exported(engine_dir)
+    pipe = Pipeline.open_exported(engine_dir)  # never a quantized variant the default would pick
     pipe.tokenizers.require()
     questions = list(questions or GENERIC_QUESTIONS)
     if not questions:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppllava.calibration.dataset import load_shards, open_exported
+from ppllava.calibration.dataset import load_shards
 from ppllava.errors import InputError, QuantizationError
 from ppllava.calibration.quantize import QUANT_JSON
 from ppllava.checkpoint import safetensors_header
@@ -125,7 +125,7 @@ def quantize_llm(engine_dir: Path, calib_dir: Path, scheme: str, progress=log.in
     hf_dir = engine_dir / manifest.data["llm"]["hf_dir"]
     require_free(engine_dir, CHECKPOINT_BYTES_PER_WEIGHT * _hf_weights(hf_dir)[1],
                  f"the {scheme} TensorRT-LLM checkpoint")
-    pipe = open_exported(engine_dir)
+    pipe = Pipeline.open_exported(engine_dir)
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != pipe.engine_id:
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
@@ -207,7 +207,7 @@ def quantize_ort_llm(engine_dir: Path, calib_dir: Path, precision: str, progress
     sweep(engine_dir, progress)
     hf_bytes, hf_elements = _hf_weights(engine_dir / manifest.data["llm"]["hf_dir"])
     require_free(engine_dir, hf_bytes + ORT_BYTES_PER_WEIGHT * hf_elements, f"the {precision} ONNX LLM")
-    pipe = open_exported(engine_dir)
+    pipe = Pipeline.open_exported(engine_dir)
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != pipe.engine_id:
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")

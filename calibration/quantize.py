@@ -31,10 +31,11 @@ from ppllava.errors import InputError, QuantizationError
 from ppllava.runtime.backends import STAGES
 from ppllava.runtime.backends.onnxruntime import DEFAULT_QUANTIZED, OrtStage, runs_by_default
 from ppllava.runtime.manifest import Manifest, add_variants, variant_key, variant_record, write_json_atomic
+from ppllava.runtime.pipeline import exported_identity
 from ppllava.runtime.scratch import require_free, scratch_dir, sweep, temp_files_in
 from ppllava.thresholds import QUANT_STAGES
 
-from ppllava.calibration.dataset import load_shards, open_exported
+from ppllava.calibration.dataset import load_shards
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
+def auto_method(precision: str) -> str:
+    """What ``--method auto`` runs for ``precision``."""
+    return "dynamic" if precision == "int8" else "qdq"
+
+
 def resolve_method(method: str, precision: str) -> str:
     """``auto``: dynamic for INT8 (the onnxruntime CPU path), Q/DQ for FP8 (onnxruntime has no dynamic FP8)."""
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "auto":
-        return "dynamic" if precision == "int8" else "qdq"
+        return auto_method(precision)
     if method == "dynamic" and precision != "int8":
         raise InputError(f"--method dynamic quantizes to int8 only; {precision} needs --method qdq")
     return method
@@ -122,7 +128,7 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     require_free(engine_dir, SPACE_FACTOR * sum(p.stat().st_size for p in sources),
                  f"quantizing {', '.join(stages)} ({precision})")
     meta, shards = load_shards(calib_dir)
-    if meta.get("engine") != open_exported(engine_dir).engine_id:
+    if meta.get("engine") != exported_identity(manifest):
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
     if method == "dynamic":  # nothing is calibrated: every clip is held out
         held_out, calibrate = shards, []
@@ -146,9 +152,9 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     # for a dynamic int8 run, those the CPU default runs (runs_by_default); else every variant at
     # this precision, which --precision runs. The combination is judged, not each run alone.
     earlier, methods = {}, dict.fromkeys(stages, method)
+    default_run = method == "dynamic" and precision == DEFAULT_QUANTIZED
     for stage in STAGES:
         record = manifest.stage_variant(stage, variant_key("onnxruntime", precision))
-        default_run = method == "dynamic" and precision == DEFAULT_QUANTIZED
         if stage not in stages and record is not None and (runs_by_default(record) or not default_run):
             earlier[stage], methods[stage] = manifest.path(record), record.get("method", "qdq")
     if earlier:

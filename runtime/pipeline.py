@@ -89,6 +89,13 @@ class _AnySet:
         return any(e.is_set() for e in self.events)
 
 
+def exported_identity(manifest: Manifest) -> str:
+    """The identity of an engine's exported vision features: its checkpoint's fingerprint and the
+    vision stage's checksums (a pipeline on a quantized variant or another device adds its cache key)."""
+    vision = manifest.stage("vision")
+    return manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
+
+
 class Pipeline:
     """Video question answering over one engine dir: video -> features (cache) -> text -> pool ->
     prompt -> decoder, on whichever backend (``ppllava.runtime.backends``) runs the stages and the LLM.
@@ -130,8 +137,7 @@ class Pipeline:
         self.cache = FeatureCache()
         self.digests = DigestMemo()  # content hashes of video files, by (device, inode, size, mtime)
         self._tokenizers = None
-        vision = manifest.stage("vision")
-        self.engine_id = manifest.data["source"]["fingerprint"] + ":" + ",".join(sorted(f["sha256"] for f in vision.get("files", {}).values()))
+        self.engine_id = exported_identity(manifest)
         if backend.cache_key:
             self.engine_id += ":" + backend.cache_key  # features of another artifact/device are cached apart
 
