@@ -228,9 +228,9 @@ class Kit:
 
     def write(self) -> None:
         self.data["wall_s"] = round(time.perf_counter() - T0, 1)
-        tmp = self.args.out.with_name(self.args.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.args.out)
+        from ppllava.runtime.manifest import write_json_atomic
+
+        write_json_atomic(self.args.out, self.data, default=str)
 
     def phase(self, label: str, fn, /, *args, **kwargs):
         log(f"{label} ...")

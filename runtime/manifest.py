@@ -132,12 +132,13 @@ def add_variants(engine_dir: Path, records: list[tuple[str, dict]], drop=lambda 
     return superseded
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON beside ``path`` and rename over it: readers see the old or the new file, never half."""
+def write_json_atomic(path: Path, data: dict, default=None) -> None:
+    """Write JSON beside ``path`` and rename over it: readers see the old or the new file, never half.
+    ``default``: json.dumps's, for values JSON has no type for."""
     import os
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, default=default) + "\n")
     tmp.replace(path)
 
 

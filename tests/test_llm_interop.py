@@ -10,51 +10,10 @@ import json
 
 import pytest
 
-from genai import genai_model
+from genai import TEXTS, check_llm_hf_tokenizer, engine_tokenizer, genai_model
 from ppllava.runtime.manifest import Manifest
 
-# Runs of whitespace, digits, emoji, CJK, accents, a control token typed as text, a lone "▁"
-TEXTS = ["Hello world!", "  two  spaces\tand a tab\n\nnew lines", "3.14159 and 1,000,000 and 2026-12-01",
-         "🚀 emoji 😶‍🌫️ and 我想在apple工作", "café naïve Ελληνικά нещо", "<s> typed </s>", "▁ lone marker ▁x"]
 VARIANTS = ("vicuna", "qwen")
-
-
-def engine_tokenizer(engine):
-    from tokenizers import Tokenizer
-
-    manifest = Manifest.load(engine)
-    return Tokenizer.from_file(str(engine / manifest.data["llm"]["tokenizer"])), engine / manifest.data["llm"]["hf_dir"]
-
-
-def check_llm_hf_tokenizer(engine, texts=TEXTS):
-    """What a tool reading llm_hf/ gets is the engine's tokenizer: the same ids and text for every
-    input, and no token past the embedding table. Returns (AutoTokenizer, config.json)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    ours, hf_dir = engine_tokenizer(engine)
-    config = json.loads((hf_dir / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    # a model-specific class (LlamaTokenizerFast) appends its default "<s>", "</s>", "<unk>" as new tokens
-    assert type(tokenizer) is PreTrainedTokenizerFast, type(tokenizer)
-    assert len(tokenizer) == ours.get_vocab_size(with_added_tokens=True), (len(tokenizer), ours.get_vocab_size())
-    assert max(tokenizer.get_vocab().values()) < config["vocab_size"], (len(tokenizer), config["vocab_size"])
-    for text in texts:
-        for special in (True, False):
-            want = ours.encode(text, add_special_tokens=special).ids
-            got = tokenizer(text, add_special_tokens=special)["input_ids"]
-            assert got == want, (text, special, got, want)
-        for skip in (True, False):
-            assert tokenizer.decode(want, skip_special_tokens=skip) == ours.decode(want, skip_special_tokens=skip), text
-    settings = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    for kind in ("bos", "eos", "unk", "pad"):  # named by strings the tokenizer holds, never invented ones
-        if f"{kind}_token" in settings:
-            assert ours.token_to_id(settings[f"{kind}_token"]) is not None, (kind, settings[f"{kind}_token"])
-    assert json.loads((hf_dir / "special_tokens_map.json").read_text()) == {
-        k: v for k, v in settings.items() if k.removesuffix("_token") in ("bos", "eos", "unk", "pad")}
-    generation = json.loads((hf_dir / "generation_config.json").read_text())
-    eos = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
-    assert tokenizer.eos_token_id in eos, (tokenizer.eos_token, eos)
-    return tokenizer, config
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -132,8 +91,9 @@ def test_a_checkpoints_sentencepiece_model_travels_to_llm_hf(tiny_dirs, tmp_path
     (checkpoint / "tokenizer.model").write_bytes(model)
     engine = tmp_path / "engine"
     export_engine(ExportOptions(checkpoint, engine, llm="none"), report=lambda _: None)
-    hf_dir = engine / Manifest.load(engine).data["llm"]["hf_dir"]
+    manifest = Manifest.load(engine).data
+    hf_dir = engine / manifest["llm"]["hf_dir"]
     assert (hf_dir / "tokenizer.model").read_bytes() == model
-    recorded = Manifest.load(engine).data["files"]  # checksummed like every file of the engine dir
+    recorded = manifest["files"]  # checksummed like every file of the engine dir
     assert recorded["llm_hf/tokenizer.model"] == file_records(engine, [hf_dir / "tokenizer.model"])["llm_hf/tokenizer.model"]
     check_llm_hf_tokenizer(engine)

@@ -6,6 +6,7 @@ produce a specific, checkable answer, and the engine must produce the same token
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -106,6 +107,7 @@ def test_llm_weights_are_real(smol):
     assert "8" in answers[QUESTIONS[1]] or "eight" in answers[QUESTIONS[1]].lower(), answers
 
 
+@functools.cache
 def _smollm2_gguf_fields():
     """The tokenizer SmolLM2's own GGUF (the demo LLM's source) declares, as {key: value}."""
     from gguf import GGUFReader
@@ -124,7 +126,7 @@ def test_llm_hf_tokenizer_is_smollm2s(smol):
     Checked against the engine's tokenizer and against SmolLM2's own GGUF, where it came from."""
     import json
 
-    from test_llm_interop import TEXTS, check_llm_hf_tokenizer
+    from genai import TEXTS, check_llm_hf_tokenizer
 
     _, engine = smol
     tokenizer, config = check_llm_hf_tokenizer(engine, TEXTS + ["<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n"])
