@@ -7,13 +7,28 @@ import socket
 import pytest
 
 
+_SESSION_CACHE = None
+
+
 def pytest_configure(config):
-    """Per-user state (the CLI's persistent feature cache, the verified-files memo) goes to a fresh
-    directory per test session, never the user's ~/.cache; subprocesses inherit it."""
+    """Per-user state (the CLI's persistent feature cache, the verified-files memo) and Inductor's
+    compile cache (AOTInductor stages) go to a fresh directory per test session, never the user's
+    ~/.cache or a /tmp/torchinductor_<user> that grows with every run; subprocesses inherit it, and
+    it is removed when the session ends."""
     import os
     import tempfile
 
-    os.environ["PPLLAVA_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppllava-test-cache-")
+    global _SESSION_CACHE
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="ppllava-test-cache-")
+    os.environ["PPLLAVA_CACHE_DIR"] = _SESSION_CACHE
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "inductor")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
