@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ppllava.paths import cache_root
+
 REPO = Path(__file__).resolve().parent.parent
 # (ours, llama.cpp): same precision class of the weights
 PAIRS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERTER, "
                    "else the one unpacked under .venv-llamacpp/src)")
     p.add_argument("--work", type=Path, help="where GGUFs and built ONNX variants are kept between runs "
-                   "(default: $PPLLAVA_CACHE/llamacpp-decode/<engine>)")
+                   "(default: $PPLLAVA_CACHE_DIR/llamacpp-decode/<engine>)")
     p.add_argument("--precisions", default="fp32,int8,int4", help=f"comma list of {', '.join(PAIRS)}")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -108,8 +110,7 @@ def work_dir(args, manifest) -> Path:
         return args.work
     key = hashlib.sha256(f"{args.engine.resolve()}|{manifest.data.get('created_at')}|"
                          f"{manifest.data['source'].get('fingerprint')}".encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("PPLLAVA_CACHE", "~/.cache/ppllava")).expanduser()
-    return cache / "llamacpp-decode" / f"{args.engine.resolve().name}-{key}"
+    return cache_root() / "llamacpp-decode" / f"{args.engine.resolve().name}-{key}"
 
 
 def say(line: str) -> None:

@@ -3,15 +3,15 @@ PyTorch baseline. Imported lazily by the bench command, only for those options."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ppllava import paths
 from ppllava.export.engine import ExportOptions, export_engine
 from ppllava.presets import PRESETS, build_random_checkpoint
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PPLLAVA_CACHE", "~/.cache/ppllava")).expanduser() / "bench"
+    return paths.cache_root() / "bench"
 
 
 def random_engine(preset: str, report=print, torch_stages: bool = False, int8_vision: bool = False) -> tuple[Path, Path]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from ppllava import __version__
 from ppllava.errors import PPLLaVAError
+from ppllava.paths import cache_root
 
 log = logging.getLogger("ppllava")
 
-DEMO_DIR = Path("~/.cache/ppllava/demo").expanduser()
 DEFAULT_FRAMES = 4  # two temporal pooling windows at the released (2, 3, 3) kernel
 
 
@@ -41,6 +41,11 @@ def _cmd_info(args) -> int:
     else:
         print("\n".join(info.lines()))
     return 0
+
+
+def demo_dir(given: Path | None) -> Path:
+    """The demo's checkpoint and engine: ``--dir``, else under the per-user cache."""
+    return Path(given).expanduser() if given else cache_root() / "demo"
 
 
 def _cmd_make_tiny(args) -> int:
@@ -120,7 +125,7 @@ def _cmd_demo(args) -> int:
     from ppllava.runtime.pipeline import Pipeline
 
     video = _demo_assets()
-    root = Path(args.dir).expanduser()
+    root = demo_dir(args.dir)
     ckpt, engine = root / "checkpoint", root / "engine"
     if not (ckpt / "config.json").is_file():
         from ppllava.tiny import make_tiny
@@ -202,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_parsers(sub)
 
     p = sub.add_parser("demo", help="the embedded default: SmolLM2 demo checkpoint -> export -> ask about a real video")
-    p.add_argument("--dir", type=Path, default=DEMO_DIR)
+    p.add_argument("--dir", type=Path, default=None, help="where the demo's checkpoint and engine are kept (default: $PPLLAVA_CACHE_DIR/demo or ~/.cache/ppllava/demo)")
     p.set_defaults(handler=_cmd_demo, requires=lambda a: [TORCH])
     return parser
 

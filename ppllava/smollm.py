@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ppllava.errors import PPLLaVAError
+from ppllava.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ IMAGE_TOKEN = "<image>"
 
 def cache_dir() -> Path:
     # "-2": built with SmolLM2's own BOS/EOS settings (a cache from before is not reused)
-    return Path(os.environ.get("PPLLAVA_CACHE", "~/.cache/ppllava")).expanduser() / "smollm2-135m-instruct-hf-2"
+    return cache_root() / "smollm2-135m-instruct-hf-2"
 
 
 def gguf_path() -> Path:

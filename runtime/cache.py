@@ -26,23 +26,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ppllava.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of the .npz entries; another value is discarded on read
 # What np.load and NpzFile raise on a damaged file (pickled content is refused: a ValueError).
 UNREADABLE = (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 STALE_TEMP_S = 3600  # a temporary file this old was left by a killed writer
-
-
-def cache_root() -> Path:
-    """Per-user state of ppllava: $PPLLAVA_CACHE_DIR, else $XDG_CACHE_HOME/ppllava (the XDG spec
-    ignores a relative value), else ~/.cache/ppllava."""
-    if override := os.environ.get("PPLLAVA_CACHE_DIR"):
-        return Path(override).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    if not base.is_absolute():
-        base = Path("~/.cache").expanduser()
-    return base / "ppllava"
 
 
 def default_cache_dir() -> Path:

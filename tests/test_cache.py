@@ -9,6 +9,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from ppllava.runtime.cache import DigestMemo, FeatureCache, FeatureSpec, default_cache_dir, file_digest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ENGINE = "fingerprint:abc:onnxruntime"
 SPEC = FeatureSpec(frame_shape=(6, 8), dtypes=(np.float16, np.float32), max_frames=4)
@@ -354,3 +357,25 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "ppllava" / "features"
     monkeypatch.setenv("PPLLAVA_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine" / "features"
+
+
+def test_every_per_user_cache_follows_the_documented_variable(monkeypatch, tmp_path):
+    # Guards against: the bench's random-weight engines, the converted SmolLM2 and the llama.cpp
+    # comparison's conversions read an undocumented $PPLLAVA_CACHE of their own (gigabytes left in
+    # ~/.cache when a user points $PPLLAVA_CACHE_DIR elsewhere), and the demo a fixed ~/.cache path.
+    import importlib.util
+
+    from ppllava import cli, smollm
+    from ppllava.export import bench_support
+
+    monkeypatch.setenv("PPLLAVA_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("PPLLAVA_CACHE", str(tmp_path / "other"))
+    mine = tmp_path / "mine"
+    assert bench_support.cache_root() == mine / "bench"
+    assert smollm.cache_dir().parent == mine
+    spec = importlib.util.spec_from_file_location("llamacpp_decode", ROOT / "benchmarks" / "llamacpp_decode.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "llamacpp_decode", script)  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    assert script.cache_root() == mine
+    assert cli.demo_dir(cli.build_parser().parse_args(["demo"]).dir) == mine / "demo"

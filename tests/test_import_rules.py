@@ -47,8 +47,8 @@ def imported_modules(folder: Path) -> dict[str, set[str]]:
 
 
 # Torch-free modules of the ppllava package that the runtime may share: the command dispatcher,
-# errors, and the window-plan arithmetic.
-SHARED = {"__init__", "errors", "plan", "cli"}
+# errors, the window-plan arithmetic and where per-user state lives.
+SHARED = {"__init__", "errors", "plan", "cli", "paths"}
 
 
 def test_reference_imports_no_wrapper():

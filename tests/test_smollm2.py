@@ -24,14 +24,11 @@ QUESTIONS = ["What is the capital of France?", "How many legs does a spider have
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    import os
-
     from ppllava import PPLLaVA
     from ppllava.export.engine import ExportOptions, export_engine
     from ppllava.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("smol")
-    os.environ.setdefault("PPLLAVA_CACHE", str(root / "cache"))
     ckpt = make_tiny(root / "ckpt", "vicuna", seed=0, llm="smollm2")
     export_engine(ExportOptions(ckpt, root / "engine"), report=lambda _: None)
     return PPLLaVA.from_pretrained(ckpt), root / "engine"
