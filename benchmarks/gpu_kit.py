@@ -256,6 +256,20 @@ def run(args) -> int:
         print(f"gpu_kit: missing {'; '.join(missing)}. Carry the wheels (this script's docstring says how) "
               "or install them, then run again.", file=sys.stderr)
         return 2
+    work = args.work or Path(tempfile.mkdtemp(prefix="ppllava-gpu-kit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # AOTInductor's compile cache (about 1 GB for the small preset) goes with the engine it builds,
+    # so a run leaves nothing in /tmp/torchinductor_<user>; set before torch is imported (its first
+    # look at the variable fixes it), and only where the user has not chosen one.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    try:
+        return run_in(args, work)
+    finally:  # a failed phase too: the 7B preset's engine is tens of GB
+        if not args.keep_work and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_in(args, work: Path) -> int:
     kit = Kit(args)
     kit.data["ppllava"] = import_ppllava()
     import torch
@@ -288,8 +302,6 @@ def run(args) -> int:
     mib = args.copy_mib or (4096 if args.device == "cuda" else 256)
     kit.data["bandwidth"] = kit.phase("bandwidth", memory_bandwidth, torch, args.device, mib)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="ppllava-gpu-kit-"))
-    work.mkdir(parents=True, exist_ok=True)
     checkpoint, engine = work / f"{args.preset}-checkpoint", work / f"{args.preset}-engine-torch"
     kit.data["work"] = {"path": str(work), "free_gib": round(shutil.disk_usage(work).free / 2**30, 1)}
     if not (checkpoint / "config.json").is_file():
@@ -330,8 +342,6 @@ def run(args) -> int:
         f"{ms(s['decode_floor_ms_per_token']['measured_bandwidth'])} at the measured bandwidth); end to end "
         f"{s['speedup_vs_eager']['end_to_end']}x eager; greedy {greedy['verdict']} (top-1 {greedy['top1_agreement']}); "
         f"wrote {args.out}")
-    if not args.keep_work and args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if greedy["verdict"] != "disagree" else 1
 
 
