@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_parsers(sub)
 
     p = sub.add_parser("demo", help="the embedded default: SmolLM2 demo checkpoint -> export -> ask about a real video")
-    p.add_argument("--dir", type=Path, default=None, help="where the demo's checkpoint and engine are kept (default: $PPLLAVA_CACHE_DIR/demo or ~/.cache/ppllava/demo)")
+    p.add_argument("--dir", type=Path, default=None, help="where the demo's checkpoint and engine are kept (default: demo/ under $PPLLAVA_CACHE_DIR, else "
+                   "$XDG_CACHE_HOME/ppllava, else ~/.cache/ppllava)")
     p.set_defaults(handler=_cmd_demo, requires=lambda a: [TORCH])
     return parser
 

@@ -196,7 +196,7 @@ def _line_editing() -> None:
         import readline
     except ImportError:
         return
-    from ppllava.runtime.cache import cache_root
+    from ppllava.paths import cache_root
 
     history = cache_root() / "chat_history"
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ppllava.errors import EngineError
-from ppllava.runtime.cache import cache_root
+from ppllava.paths import cache_root
 
 log = logging.getLogger(__name__)
 from ppllava.plan import WindowPlan

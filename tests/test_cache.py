@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -377,5 +379,7 @@ def test_every_per_user_cache_follows_the_documented_variable(monkeypatch, tmp_p
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "llamacpp_decode", script)  # its dataclasses look their module up
     spec.loader.exec_module(script)
-    assert script.cache_root() == mine
+    engine = tmp_path / "engine"
+    manifest = types.SimpleNamespace(data={"created_at": "t", "source": {"fingerprint": "f"}})
+    assert script.work_dir(argparse.Namespace(work=None, engine=engine), manifest).parent == mine / "llamacpp-decode"
     assert cli.demo_dir(cli.build_parser().parse_args(["demo"]).dir) == mine / "demo"

@@ -29,7 +29,8 @@ from ppllava.runtime.scratch import DiskSpaceError, sweep, tree_bytes
 needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
                                     reason="pip install 'ppllava[quant]' (nvidia-modelopt)")
 # What libraries put in the temp dir by themselves, tiny and not ours: onnxruntime's telemetry
-# session file and torch's (empty unless something compiles) inductor cache dir.
+# session file and torch's inductor dir (its precompiled-header cache is placed there whatever
+# TORCHINDUCTOR_CACHE_DIR says).
 LIBRARY_MARKERS = (".ses", "torchinductor_")
 
 
