@@ -174,7 +174,8 @@ class Pipeline:
     def open_exported(cls, engine_dir, **options) -> "Pipeline":
         """``open`` on the stages as exported, never the quantized variants it picks by default: what
         calibration, quantization and verification judge against."""
-        precision = Manifest.load(engine_dir).stage("vision").get("precision", "fp32")
+        # A peek at the manifest only: ``open`` validates it and checks the files (hashing them) itself.
+        precision = Manifest.load(engine_dir, check_files=False).stage("vision").get("precision", "fp32")
         return cls.open(engine_dir, precision=precision, **options)
 
     def close(self) -> None:
