@@ -29,7 +29,7 @@ import numpy as np
 
 from ppllava.errors import InputError, QuantizationError
 from ppllava.runtime.backends import STAGES
-from ppllava.runtime.backends.onnxruntime import DEFAULT_QUANTIZED, OrtStage, runs_by_default
+from ppllava.runtime.backends.onnxruntime import DEFAULT_QUANTIZED, OrtStage, quantized_stages
 from ppllava.runtime.manifest import Manifest, add_variants, variant_key, variant_record, write_json_atomic
 from ppllava.runtime.pipeline import exported_identity
 from ppllava.runtime.scratch import require_free, scratch_dir, sweep, temp_files_in
@@ -148,15 +148,14 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     # Everything is built and judged in a scratch directory beside the engine dir; the engine dir
     # changes only at the end (new files under new names, then the manifest, then the old files go),
     # so a failure at any point leaves it exactly as it was.
-    # The other stages' variants that will run beside these (an earlier run's) are judged with them:
-    # for a dynamic int8 run, those the CPU default runs (runs_by_default); else every variant at
-    # this precision, which --precision runs. The combination is judged, not each run alone.
+    # The other stages' variants that will run beside these (an earlier run's) are judged with them,
+    # chosen by the backend's own rule: for a dynamic int8 run, those the CPU default runs; else every
+    # variant at this precision, which --precision runs. The combination is judged, not each run alone.
     earlier, methods = {}, dict.fromkeys(stages, method)
     default_run = method == "dynamic" and precision == DEFAULT_QUANTIZED
-    for stage in STAGES:
+    for stage in sorted(quantized_stages(manifest, None if default_run else precision) - set(stages)):
         record = manifest.stage_variant(stage, variant_key("onnxruntime", precision))
-        if stage not in stages and record is not None and (runs_by_default(record) or not default_run):
-            earlier[stage], methods[stage] = manifest.path(record), record.get("method", "qdq")
+        earlier[stage], methods[stage] = manifest.path(record), record.get("method", "qdq")
     if earlier:
         progress(f"judged together with the {precision} {', '.join(sorted(earlier))} recorded before")
     with scratch_dir(engine_dir, "quant") as scratch:

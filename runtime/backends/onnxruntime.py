@@ -127,8 +127,7 @@ class OnnxruntimeBackend(HostBackend):
         # precision, opts out). Other providers were not measured with them: they run the export.
         self.key = variant_key(self.name, precision or DEFAULT_QUANTIZED)
         cpu_only = tuple(options.providers) == ("cpu",)
-        self.quantized = {n for n in STAGES if (v := manifest.stage_variant(n, self.key))
-                          and (precision or (cpu_only and runs_by_default(v)))}
+        self.quantized = quantized_stages(manifest, precision, cpu_only)
         if precision and not self.quantized and not manifest.stage_variant("llm", self.key) and all(
             manifest.stage(n).get("precision") != precision for n in STAGES
         ):
@@ -174,6 +173,14 @@ def runs_by_default(record: dict | None) -> bool:
     provider: a dynamic one that passed its accuracy threshold. Only the dynamic ones, because that
     is what measured faster here; a Q/DQ variant (made for TensorRT) runs on request."""
     return bool(record) and record.get("method") == "dynamic" and not record.get("below_threshold")
+
+
+def quantized_stages(manifest: Manifest, precision: str | None, cpu_only: bool = True) -> set[str]:
+    """The stages whose quantized variant this backend runs: with ``precision`` (--precision) every
+    stage's variant at it; without, on the CPU provider only, the default's (``runs_by_default``).
+    ``ppllava quantize`` judges new variants beside exactly these."""
+    key = variant_key("onnxruntime", precision or DEFAULT_QUANTIZED)
+    return {n for n in STAGES if (v := manifest.stage_variant(n, key)) and (precision or (cpu_only and runs_by_default(v)))}
 
 
 def onnx_llm_record(manifest: Manifest, precision: str | None) -> dict | None:
