@@ -311,8 +311,10 @@ def cmd_bench(args) -> int:
         checkpoint, engine_dir = _random_engine(args.random_weights, backend.torch_stages,
                                                 int8_vision=args.backend == "onnxruntime" and not args.no_int8_vision)
     variants = [c for c in compare if c != "torch"]
-    for precision in variants:  # refuse a missing variant before anything is measured
-        backend(Manifest.load(engine_dir), BackendOptions(precision=precision))
+    if variants:  # refuse a missing variant before anything is measured (a peek: each run opens it checked)
+        peek = Manifest.load(engine_dir, check_files=False)
+        for precision in variants:
+            backend(peek, BackendOptions(precision=precision))
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     want_floors = args.floors
     if want_floors and (why := _floors_skipped(engine_dir, args, compare)):
