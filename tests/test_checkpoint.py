@@ -42,8 +42,9 @@ import torch
 from ppllava.tiny import make_tiny
 out = {}
 for variant in ("vicuna", "qwen"):
-    path = make_tiny(Path(tempfile.mkdtemp()) / variant, variant, seed=0)
-    out[variant] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:  # this subprocess runs once per kernel set: leave nothing behind
+        path = make_tiny(Path(tmp) / variant, variant, seed=0)
+        out[variant] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "sha256": out}))
 """
 
