@@ -12,6 +12,14 @@ Usage (not run in CI; llama-cpp-python compiles llama.cpp natively, several minu
     .venv-llamacpp/bin/python benchmarks/llamacpp_decode.py ~/.cache/ppllava/demo/engine \
         --json benchmarks/cpu-2core_decode_vs-llamacpp.json
 
+On a CPU that reports AMX (an Intel Xeon of the 4th generation or later), a GGML_NATIVE build
+compiles llama.cpp's AMX kernels, and on this project's Xeon VM the decode then died with SIGILL on
+``tileloadd``, though the kernel granted the tile-data permission (arch_prctl); cause not found. There,
+build without AMX and with the rest of the CPU's extensions named:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF ..."`` (``--force-reinstall --no-deps``).
+
 The engine's ``llm_hf/`` is converted with llama.cpp's own convert_hf_to_gguf.py (from the unpacked
 sdist above, or ``--converter``) to an F32 GGUF, which llama.cpp's quantizer turns into Q8_0 and
 Q4_0. Our side runs the engine's ONNX LLM at fp32 and its ``onnxruntime:int8``/``int4`` variants
