@@ -1,4 +1,4 @@
-"""Decode speed of the engine's onnxruntime LLM against llama.cpp on the same weights.
+r"""Decode speed of the engine's onnxruntime LLM against llama.cpp on the same weights.
 
 Usage (not run in CI; llama-cpp-python compiles llama.cpp natively, several minutes on 2 cores):
 
@@ -15,10 +15,13 @@ Usage (not run in CI; llama-cpp-python compiles llama.cpp natively, several minu
 On a CPU that reports AMX (an Intel Xeon of the 4th generation or later), a GGML_NATIVE build
 compiles llama.cpp's AMX kernels, and on this project's Xeon VM the decode then died with SIGILL on
 ``tileloadd``, though the kernel granted the tile-data permission (arch_prctl); cause not found. There,
-build without AMX and with the rest of the CPU's extensions named:
-``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
--DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
--DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF ..."`` (``--force-reinstall --no-deps``).
+build without AMX and with the rest of the CPU's extensions named (AVX/AVX2/FMA/F16C/BMI2 are on by
+default without GGML_NATIVE, and the AMX options off; named here to say what was built):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+        .venv-llamacpp/bin/pip install --force-reinstall --no-deps .venv-llamacpp/src/llama_cpp_python-0.3.36.tar.gz
 
 The engine's ``llm_hf/`` is converted with llama.cpp's own convert_hf_to_gguf.py (from the unpacked
 sdist above, or ``--converter``) to an F32 GGUF, which llama.cpp's quantizer turns into Q8_0 and

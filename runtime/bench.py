@@ -289,11 +289,45 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions the CPU kernels (MLAS, oneDNN, llama.cpp) dispatch on, as /proc/cpuinfo
+# spells them: "flags" on x86, "Features" on Arm. A VM's model name may not say the generation
+# ("Intel(R) Xeon(R) Processor"); these and the family/model numbers do.
+KERNEL_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16",
+              "amx_int8", "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """{"cpu_id": "vendor family/model/stepping" (x86) or "implementer/part" (Arm), "cpu_isa": the
+    KERNEL_ISA extensions this CPU reports}, from the first processor of /proc/cpuinfo (``cpuinfo``:
+    its text); empty where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return {}
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "vendor_id" in fields:
+        ident = f"{fields['vendor_id']} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/{fields.get('stepping', '?')}"
+    elif "CPU implementer" in fields:
+        ident = f"{fields['CPU implementer']}/{fields.get('CPU part', '?')}"
+    else:
+        return {}
+    present = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"cpu_id": ident, "cpu_isa": [f for f in KERNEL_ISA if f in present]}
+
+
 def machine(results: list[BackendResult] = ()) -> dict:
     gpus = [r.device for r in results if r.device and r.device != "cpu"]
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
+            "cpu_model": cpu_model(), **cpu_features(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
             "gpu": gpus[0] if gpus else None, "python": platform.python_version()}
 
 
@@ -399,7 +433,8 @@ def settings_lines(data: dict) -> list[str]:
         providers = ",".join(b["providers"]) if b.get("providers") else "-"
         threads = b.get("threads") or "default"
         lines.append(f"{name}: precision {precision}; providers {providers}; threads {threads}; on {b['device']}")
-    lines.append(f"CPU {m['cpu_model']} ({m['cpu_usable']} of {m['cpu_count']} cores usable); GPU {m['gpu'] or 'none'}; "
+    ident = f"{m['cpu_id']}; {' '.join(m.get('cpu_isa') or []) or '-'}; " if m.get("cpu_id") else ""
+    lines.append(f"CPU {m['cpu_model']} ({ident}{m['cpu_usable']} of {m['cpu_count']} cores usable); GPU {m['gpu'] or 'none'}; "
                  + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
     if len(data.get("ratios_by_run") or {}) > 1:
         lines.append(f"ratio = {data['baseline']} median / the other's median (> 1: the other is faster)")

@@ -154,6 +154,7 @@ def test_report_records_what_was_measured_and_where(measured, engine):
              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
     if names:
         assert data["machine"]["cpu_model"] == names[0]
+        assert data["machine"]["cpu_id"] == bench.cpu_features()["cpu_id"]  # the generation a VM's model name may hide
     assert data["machine"]["cpu_model"] and 1 <= data["machine"]["cpu_usable"] <= data["machine"]["cpu_count"]
     assert data["machine"]["gpu"] is None and block["device"] == "cpu"
     # torch is reported only where the process loaded it
@@ -309,3 +310,41 @@ def test_a_refused_int8_vision_is_not_retried_for_the_same_engine(engine, tmp_pa
     monkeypatch.setitem(quantize.THRESHOLDS, "visual_tokens_cosine", -1.0)  # another threshold: tried again
     assert int8_vision_variant(copy, tmp_path, lines.append)
     assert len(attempts) == 2 and "int8 vision recorded" in lines[-1]
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 2
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni amx_int8 amx_tile
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: avx2 sve
+"""
+ARM_CPUINFO = """processor\t: 0
+Features\t: fp asimd aes asimddp i8mm
+CPU implementer\t: 0x41
+CPU part\t: 0xd42
+"""
+
+
+def test_cpu_features_names_the_generation_and_the_kernel_extensions():
+    # Bug class: a VM's "Intel(R) Xeon(R) Processor" says neither which Xeon nor which kernels run,
+    # so two benches of that name could not be told apart.
+    from ppllava.runtime import bench
+
+    assert bench.cpu_features(X86_CPUINFO) == {"cpu_id": "GenuineIntel 6/207/2",
+                                                "cpu_isa": ["avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"]}
+    assert bench.cpu_features(ARM_CPUINFO) == {"cpu_id": "0x41/0xd42", "cpu_isa": ["asimd", "asimddp", "i8mm"]}
+    assert bench.cpu_features("") == {} and bench.cpu_features("processor\t: 0\nBogoMIPS\t: 1\n") == {}
+    data = {"settings": {"video": None, "synthetic_frames": 8, "tokens": None, "max_new_tokens": 4, "questions": 1,
+                         "repeat": 1, "warmup": 0},
+            "machine": {"cpu_model": "Intel(R) Xeon(R) Processor", **bench.cpu_features(X86_CPUINFO), "cpu_count": 2,
+                        "cpu_usable": 2, "gpu": None},
+            "engine": "engine", "timestamp_utc": "2026-12-02T00:00:00+00:00", "sampled_frames": 8, "visual_tokens": 100,
+            "prompt_tokens": 146, "backends": {}, "versions": {"ppllava": "0"}}
+    line = next(line for line in bench.settings_lines(data) if line.startswith("CPU "))
+    assert line.startswith("CPU Intel(R) Xeon(R) Processor (GenuineIntel 6/207/2; avx2 fma avx512f avx512_vnni amx_int8; 2 of 2")
