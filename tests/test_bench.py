@@ -224,6 +224,20 @@ def test_ratio_is_baseline_over_the_other_for_every_compare():
     assert "ratio = onnxruntime median / onnxruntime-int4 median (> 1: onnxruntime-int4 is faster)" in table
 
 
+def test_cli_compare_refuses_a_missing_variant_before_measuring(engine, tmp_path):
+    """Guards against a --compare run the engine cannot do being found out only after the default
+    run's minutes of measuring (or with a traceback): one line naming the fix, nothing measured or written."""
+    out_json = tmp_path / "never.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "ppllava.cli", "bench", str(engine), "--synthetic-frames", "4", "--repeat", "1",
+         "--warmup", "0", "--max-new-tokens", "3", "--compare", "int8", "--json", str(out_json)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "int8" in r.stderr and "ppllava quantize" in r.stderr, r.stderr
+    assert "repeat" not in r.stderr and "cold run" not in r.stderr and not out_json.exists()
+
+
 def test_cli_compare_quantized_names_its_baseline(engine_int8, tmp_path):
     out_json = tmp_path / "q.json"
     r = subprocess.run(
