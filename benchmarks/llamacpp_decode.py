@@ -281,17 +281,7 @@ def machine_info(llama_cpp) -> tuple[dict, dict]:
 
     from ppllava.runtime.bench import machine, versions
 
-    info = machine()
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    info["cpu_flags"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                                        "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"})
+    info = machine()  # with the CPU's id and kernel ISA extensions (bench.cpu_features)
     info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     found = versions()
     for dist in ("onnxruntime-genai", "llama_cpp_python", "transformers", "torch"):

@@ -348,8 +348,6 @@ CPU part\t: 0xd42
 def test_cpu_features_names_the_generation_and_the_kernel_extensions():
     # Bug class: a VM's "Intel(R) Xeon(R) Processor" says neither which Xeon nor which kernels run,
     # so two benches of that name could not be told apart.
-    from ppllava.runtime import bench
-
     assert bench.cpu_features(X86_CPUINFO) == {"cpu_id": "GenuineIntel 6/207/2",
                                                 "cpu_isa": ["avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"]}
     assert bench.cpu_features(ARM_CPUINFO) == {"cpu_id": "0x41/0xd42", "cpu_isa": ["asimd", "asimddp", "i8mm"]}
