@@ -106,6 +106,9 @@ def test_int8_stages(setup, method, monkeypatch):
         ops = [n.op_type for n in onnx.load(str(manifest.stage_path(stage, "onnxruntime:int8"))).graph.node]
         assert all(ops.count(op) > 0 for op in QUANTIZED_OPS[method]), (stage, sorted(set(ops)))
         assert manifest.stage_variant(stage, "onnxruntime:int8")["method"] == method
+        if stage == "vision":  # onnxruntime's own attention in the variant made for it, never for TensorRT
+            fused = method == "dynamic"
+            assert ("MultiHeadAttention" in ops, "Softmax" in ops) == (fused, not fused), sorted(set(ops))
     manifest.check_files(verify_checksums=True)
     assert manifest.stage_variant("vision", "onnxruntime:int8")["precision"] == "int8"
     saved = json.loads((work / "quant.json").read_text())["stages"]["int8"]
@@ -347,3 +350,90 @@ def test_stages_quantized_in_two_runs_are_judged_together(setup, monkeypatch):
     (work / "manifest.json").write_text(json.dumps(data))
     third = quantize.quantize_stages(work, calib, ["text"], "int8", progress=lambda _: None, method="dynamic")
     assert third["stages"] == ["text"] and third["features"]["max_abs_error"] == 0
+
+
+def _attentions(model) -> int:
+    """Attention blocks the vision stage runs: the ViT layers below the selected hidden state, and
+    a temporal and a spatial attention per BT-Adapter block that feeds it."""
+    cfg = model.config
+    used_layers = cfg.feature_index
+    blocks = max(0, used_layers - (cfg.vision["num_hidden_layers"] - cfg.btadapter_depth)) if cfg.btadapter else 0
+    return used_layers + 2 * blocks
+
+
+@pytest.mark.parametrize("variant", ["vicuna", "qwen"])
+def test_attention_fusion_matches_every_attention_and_keeps_the_features(setup, tiny_dirs, tiny_models, variant, tmp_path):
+    """Guards against a MultiHeadAttention rewrite that misses attentions (no speed-up) or
+    changes what they compute (a wrong scale, head count or key layout)."""
+    import onnxruntime as ort
+
+    from ppllava.calibration.attention_fusion import fuse_attention
+
+    engine = setup[0] if variant == "vicuna" else tmp_path / "engine"
+    if variant == "qwen":
+        export_engine(ExportOptions(tiny_dirs["qwen"], engine), report=lambda _: None)
+    model = onnx.load(str(engine / "vision.onnx"))
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    assert fuse_attention(model) == softmaxes == _attentions(tiny_models[variant])
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Softmax" not in ops and ops.count("MultiHeadAttention") == softmaxes
+    S = tiny_models[variant].config.image_size
+    for frames in (1, 3, 5):  # T is dynamic; 3 frames is the upstream quirk's count
+        x = np.random.default_rng(frames).standard_normal((frames, 3, S, S)).astype(np.float32)
+        want = ort.InferenceSession(str(engine / "vision.onnx")).run(None, {"pixel_values": x})[0]
+        got = ort.InferenceSession(model.SerializeToString()).run(None, {"pixel_values": x})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_attention_fusion_leaves_other_graphs_alone(setup):
+    """Guards against rewriting what is not a plain attention: a masked one (the text stage's) or
+    one whose softmax runs over another axis."""
+    from onnx import helper
+
+    from ppllava.calibration.attention_fusion import fuse_attention
+
+    engine = setup[0]
+    text = onnx.load(str(engine / "text.onnx"))
+    before = text.SerializeToString()
+    assert sum(n.op_type == "Softmax" for n in text.graph.node) > 0
+    assert fuse_attention(text) == 0 and text.SerializeToString() == before
+    vision = onnx.load(str(engine / "vision.onnx"))
+    softmax = next(n for n in vision.graph.node if n.op_type == "Softmax")
+    del softmax.attribute[:]
+    softmax.attribute.append(helper.make_attribute("axis", 2))
+    softmaxes = sum(n.op_type == "Softmax" for n in vision.graph.node)
+    assert fuse_attention(vision) == softmaxes - 1 > 0
+    assert softmax in vision.graph.node
+
+
+def test_a_fusion_that_changes_the_features_is_not_used(setup, monkeypatch, tmp_path, caplog):
+    """Guards against shipping a rewrite the parity check refused: the variant is then quantized
+    from the graph as exported, and the user is told."""
+    import shutil
+
+    import ppllava.calibration.attention_fusion as fusion
+    import ppllava.calibration.quantize as quantize
+
+    engine = setup[0]
+    real = fusion.fuse_attention
+
+    def wrong_scale(model):
+        n = real(model)
+        for node in model.graph.node:
+            for a in node.attribute:
+                if node.op_type == "MultiHeadAttention" and a.name == "scale":
+                    a.f *= 3.0
+        return n
+
+    monkeypatch.setattr(fusion, "fuse_attention", wrong_scale)
+    copy = tmp_path / "vision.onnx"
+    shutil.copy2(engine / "vision.onnx", copy)
+    pixels = load_shards(setup[2])[1][0]["pixel_values"]
+    lines = []
+    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, lines.append) == 0
+    assert copy.read_bytes() == (engine / "vision.onnx").read_bytes() and lines == []
+    assert "MultiHeadAttention rewrite of vision.onnx differs" in caplog.text
+    monkeypatch.setattr(fusion, "fuse_attention", real)
+    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, lines.append) > 0
+    assert "MultiHeadAttention" in lines[0]
