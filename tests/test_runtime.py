@@ -196,6 +196,29 @@ def test_preprocessing_matches_transformers(kind, written_video):
     assert np.abs(ours - theirs).max() <= 1e-5
 
 
+@pytest.mark.parametrize("spec", [
+    {"size": 16, "rescale": 1 / 255, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    {"size": 16, "rescale": 0.00392156862745098, "mean": [0.5] * 3, "std": [0.5] * 3},
+])
+def test_normalise_table_equals_the_formula(spec):
+    """Guards against the per-channel lookup table drifting from (x * rescale - mean) / std: every
+    uint8 level in every channel, frames given as a strided view, and the float path."""
+    rng = np.random.default_rng(0)
+    # 16 x 16 = 256 pixels: each channel of each frame holds every level once, in its own order
+    frames = np.stack([np.stack([rng.permutation(256).reshape(16, 16) for _ in range(3)], axis=-1)
+                       for _ in range(4)]).astype(np.uint8)
+    wide = np.zeros((4, 16, 32, 3), np.uint8)
+    wide[:, :, ::2] = frames  # a non-contiguous (strided) view, as a caller's crop would give
+    formula = (frames.astype(np.float32) * np.float32(spec["rescale"]) - np.asarray(spec["mean"], np.float32)) \
+        / np.asarray(spec["std"], np.float32)
+    want = formula.transpose(0, 3, 1, 2)
+    for given in (frames, wide[:, :, ::2]):
+        got = normalise(given, spec)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (4, 3, 16, 16)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(normalise(frames.astype(np.float32), spec), want)
+
+
 def _tree_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
