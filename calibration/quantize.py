@@ -131,11 +131,12 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
     meta, shards = load_shards(calib_dir)
     if meta.get("engine") != exported_identity(manifest):
         raise InputError(f"{calib_dir} was built from another engine or checkpoint (fingerprint mismatch); recalibrate")
+    fusions = {}  # stage -> attentions rewritten as MultiHeadAttention (dynamic method)
     if method == "dynamic":  # nothing is calibrated: every clip is held out
         held_out, calibrate = shards, []
 
         def quantize_one(*args):
-            return _quantize_dynamic(*args, check=shards[0])
+            return _quantize_dynamic(*args, check=shards[0], fusions=fusions)
     else:
         held_out = shards[-max(1, len(shards) // 5):] if len(shards) > 1 else shards
         calibrate = shards[: len(shards) - len(held_out)] or shards
@@ -166,6 +167,8 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
         report = _accuracy(manifest, {**earlier, **built}, held_out, precision)
         report["method"] = method
         report["quantized_now"], report["methods"] = sorted(built), dict(sorted(methods.items()))
+        if fusions:
+            report["attention_fused"] = fusions
         worst = report["visual_tokens"]["cosine_min"]
         report["below_threshold"] = worst < THRESHOLDS["visual_tokens_cosine"]
         update_report(engine_dir, ("stages", precision), report)
@@ -182,7 +185,7 @@ def quantize_stages(engine_dir: Path, calib_dir: Path, stages: list[str], precis
         for stage, path in built.items():
             files[stage] = engine_dir / f"{stage}.{precision}.{tag}.onnx"
             shutil.move(str(path), files[stage])
-    old = _record(engine_dir, files, precision, report, method)
+    old = _record(engine_dir, files, precision, report, method, fusions)
     for path in old:  # only after the manifest points at the new files
         path.unlink(missing_ok=True)
     return report
@@ -215,18 +218,18 @@ def _root_warnings_off():
 
 
 def _quantize_dynamic(manifest, stage: str, precision: str, calibrate: list[dict], scratch: Path, progress,
-                      check: dict) -> Path:
+                      check: dict, fusions: dict) -> Path:
     """onnxruntime's dynamic INT8 quantization of the stage's MatMul weights, per output channel
     (signed weights, activations quantized per run) -> scratch/<stage>/<stage>.q.onnx. The vision
     stage's attentions become onnxruntime's MultiHeadAttention first (``attention_fusion``), checked
-    against the exported graph on the clip ``check``."""
+    against the exported graph on the clip ``check``; ``fusions[stage]`` says how many."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise QuantizationError(f"onnxruntime's quantization tools are not available ({exc})") from None
     work, copy = _copy_stage(manifest, stage, scratch)
     if stage == "vision":
-        _fuse_attention_checked(copy, manifest.stage_path(stage), check["pixel_values"], progress)
+        fusions[stage] = _fuse_attention_checked(copy, manifest.stage_path(stage), check["pixel_values"], progress)
     progress(f"quantizing {stage} (int8, dynamic per-channel MatMul weights)")
     output = work / f"{stage}.q.onnx"
     library_temp = work / "tmp"
@@ -260,22 +263,26 @@ def _fuse_attention_checked(copy: Path, source: Path, pixel_values: np.ndarray, 
     fused = fuse_attention(model)
     if not fused:
         return 0
-    data = copy.with_suffix(".onnx.data")
-    if data.exists():  # rewritten whole: onnx's writer would append to the old file
-        data.unlink()
-        onnx.save(model, str(copy), save_as_external_data=True, location=data.name)
-    else:
-        onnx.save(model, str(copy))
-    del model
+    refused = None
     try:
+        data = copy.with_suffix(".onnx.data")
+        if data.exists():  # rewritten whole: onnx's writer would append to the old file
+            data.unlink()
+            onnx.save(model, str(copy), save_as_external_data=True, location=data.name)
+        else:
+            onnx.save(model, str(copy))
+        del model
         before = OrtStage(source).run(pixel_values=pixel_values)["features"]
         after = OrtStage(copy).run(pixel_values=pixel_values)["features"]
         scale = float(np.abs(before).max()) or 1.0
-        difference = float(np.abs(after - before).max())
-        refused = None if difference <= FUSION_TOLERANCE * scale else (  # also refuses NaN
-            f"differs from it by {difference:.3g} (features up to {scale:.3g})")
-    except BackendError as exc:
-        refused = f"does not run: {exc}"
+        if after.shape != before.shape:
+            refused = f"gives features of shape {after.shape}, not {before.shape}"
+        else:
+            difference = float(np.abs(after - before).max())
+            if not difference <= FUSION_TOLERANCE * scale:  # also refuses NaN
+                refused = f"differs from it by {difference:.3g} (features up to {scale:.3g})"
+    except (BackendError, OSError, ValueError) as exc:  # not written, or onnxruntime refused the graph
+        refused = f"could not be checked: {exc}"
     if refused:
         log.warning("the MultiHeadAttention rewrite of %s %s; quantizing the graph as exported", source.name, refused)
         _copy_stage_files(source, copy.parent)
@@ -355,10 +362,12 @@ def _accuracy(manifest: Manifest, files: dict[str, Path], held_out: list[dict], 
     return report
 
 
-def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict, method: str) -> list[Path]:
+def _record(engine_dir: Path, files: dict[str, Path], precision: str, report: dict, method: str,
+            fusions: dict[str, int]) -> list[Path]:
     """Add the quantized files to the manifest as stage variants (atomic rewrite); returns the files
-    of the variants they replace."""
+    of the variants they replace. ``fusions``: a stage's attentions rewritten as MultiHeadAttention."""
     return add_variants(engine_dir, [(stage, variant_record(
         engine_dir, file, "onnxruntime", precision, quantizer=QUANTIZER[method], method=method,
-        visual_tokens_cosine_min=report["visual_tokens"]["cosine_min"], below_threshold=report["below_threshold"]))
+        visual_tokens_cosine_min=report["visual_tokens"]["cosine_min"], below_threshold=report["below_threshold"],
+        **({"attention_fused": fusions[stage]} if stage in fusions else {})))
         for stage, file in files.items()])

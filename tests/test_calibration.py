@@ -109,6 +109,9 @@ def test_int8_stages(setup, method, monkeypatch):
         if stage == "vision":  # onnxruntime's own attention in the variant made for it, never for TensorRT
             fused = method == "dynamic"
             assert ("MultiHeadAttention" in ops, "Softmax" in ops) == (fused, not fused), sorted(set(ops))
+            recorded = manifest.stage_variant(stage, "onnxruntime:int8").get("attention_fused")
+            assert recorded == (ops.count("MultiHeadAttention") if fused else None)
+            assert report.get("attention_fused") == ({"vision": recorded} if fused else None)
     manifest.check_files(verify_checksums=True)
     assert manifest.stage_variant("vision", "onnxruntime:int8")["precision"] == "int8"
     saved = json.loads((work / "quant.json").read_text())["stages"]["int8"]
@@ -437,3 +440,27 @@ def test_a_fusion_that_changes_the_features_is_not_used(setup, monkeypatch, tmp_
     monkeypatch.setattr(fusion, "fuse_attention", real)
     assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, lines.append) > 0
     assert "MultiHeadAttention" in lines[0]
+
+
+def test_fusion_of_a_stage_with_external_weights(setup, tmp_path):
+    """Guards against the rewrite of a large stage (weights in vision.onnx.data, as a 7B tower's
+    are) appending to the old data file or leaving the graph pointing at missing weights."""
+    import onnxruntime as ort
+
+    import ppllava.calibration.quantize as quantize
+
+    engine = setup[0]
+    source_dir, work = tmp_path / "engine", tmp_path / "work"
+    source_dir.mkdir()
+    work.mkdir()
+    source = source_dir / "vision.onnx"
+    onnx.save(onnx.load(str(engine / "vision.onnx")), str(source), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="vision.onnx.data")
+    copy = quantize._copy_stage_files(source, work)
+    data_bytes = (work / "vision.onnx.data").stat().st_size
+    pixels = load_shards(setup[2])[1][0]["pixel_values"]
+    assert quantize._fuse_attention_checked(copy, source, pixels, lambda _: None) > 0
+    assert 0 < (work / "vision.onnx.data").stat().st_size <= data_bytes  # rewritten, not appended to
+    want = ort.InferenceSession(str(source)).run(None, {"pixel_values": pixels})[0]
+    got = ort.InferenceSession(str(copy)).run(None, {"pixel_values": pixels})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
