@@ -32,16 +32,18 @@ PROVIDERS = {
 
 
 def make_session(path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
-                 spin: bool = True, profile: Path | None = None):
+                 spin: bool = False, profile: Path | None = None):
     """An onnxruntime session with the requested providers (each must exist here) and quiet logging.
 
     ``spin``: intra-op threads busy-wait between the parallel ops of one run, and stop when the run
     ends (``session.force_spinning_stop``). A decode step is ~180 small ops: waking the workers for
-    each costs more than the step's arithmetic. The stages spin too: the small preset's vision stage
-    measured 0.96x (fp32) and 0.87x (int8) the time without (2 cores, interleaved). Without the
-    forced stop the workers would keep spinning after a run and steal the cores that video
-    decoding, the next stage or a baseline measured in the same process need (onnxruntime's
-    default); with it nothing spins between runs.
+    each costs more than the step's arithmetic, so the decoder spins. Without the forced stop the
+    workers would keep spinning after a run and steal the cores that video decoding, the next
+    stage or a baseline measured in the same process need. The stages do not spin: on a 2-core
+    Intel Xeon their spinning ran the small preset's int8 vision stage alone in 0.87-0.91x the time
+    and `bench` end to end 1.03-1.05x faster (two alternating pairs of runs), but 8 answers asked
+    from two threads of one Pipeline took 3.97 against 3.61 s (a stage's busy workers take the cores
+    of the other request's decode); a shared Pipeline is what serving runs.
 
     ``profile``: write onnxruntime's per-node profile (op, shapes, weight bytes) under this file
     prefix until ``session.end_profiling()`` (``ppllava.runtime.floors`` reads it). ``path`` may be
@@ -219,7 +221,7 @@ class OrtDecoder(StepDecoder):
         self.head_dim = int(decoder["head_size"])
         self.context = int(config["context_length"])
         self.path = llm_dir / decoder.get("filename", "model.onnx")  # the graph this decoder runs
-        self.session = make_session(self.path, providers, threads, profile=profile)
+        self.session = make_session(self.path, providers, threads, spin=True, profile=profile)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         # The fp32 CPU graph (GroupQueryAttention) derives positions from the mask; the fp16 one
