@@ -222,14 +222,15 @@ def _quantize_dynamic(manifest, stage: str, precision: str, calibrate: list[dict
     """onnxruntime's dynamic INT8 quantization of the stage's MatMul weights, per output channel
     (signed weights, activations quantized per run) -> scratch/<stage>/<stage>.q.onnx. The vision
     stage's attentions become onnxruntime's MultiHeadAttention first (``attention_fusion``), checked
-    against the exported graph on the clip ``check``; ``fusions[stage]`` says how many."""
+    against the exported graph's features of the calibration clip ``check``; ``fusions[stage]`` says how many."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise QuantizationError(f"onnxruntime's quantization tools are not available ({exc})") from None
     work, copy = _copy_stage(manifest, stage, scratch)
     if stage == "vision":
-        fusions[stage] = _fuse_attention_checked(copy, manifest.stage_path(stage), check["pixel_values"], progress)
+        fusions[stage] = _fuse_attention_checked(copy, manifest.stage_path(stage), check["pixel_values"],
+                                                 check["features"], progress)
     progress(f"quantizing {stage} (int8, dynamic per-channel MatMul weights)")
     output = work / f"{stage}.q.onnx"
     library_temp = work / "tmp"
@@ -252,9 +253,11 @@ def _quantize_dynamic(manifest, stage: str, precision: str, calibrate: list[dict
 FUSION_TOLERANCE = 1e-4
 
 
-def _fuse_attention_checked(copy: Path, source: Path, pixel_values: np.ndarray, progress) -> int:
+def _fuse_attention_checked(copy: Path, source: Path, pixel_values: np.ndarray, features: np.ndarray,
+                            progress) -> int:
     """Rewrite ``copy`` (the scratch copy of ``source``) with MultiHeadAttention where it matches,
-    if the rewritten graph gives the exported one's features on ``pixel_values``; else restore it."""
+    if the rewritten graph gives the exported one's ``features`` (a calibration shard's, computed by
+    ``source`` itself) on ``pixel_values``; else restore it."""
     import onnx
 
     from ppllava.calibration.attention_fusion import fuse_attention
@@ -272,7 +275,7 @@ def _fuse_attention_checked(copy: Path, source: Path, pixel_values: np.ndarray, 
         else:
             onnx.save(model, str(copy))
         del model
-        before = OrtStage(source).run(pixel_values=pixel_values)["features"]
+        before = features
         after = OrtStage(copy).run(pixel_values=pixel_values)["features"]
         scale = float(np.abs(before).max()) or 1.0
         if after.shape != before.shape:

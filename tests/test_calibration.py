@@ -432,13 +432,14 @@ def test_a_fusion_that_changes_the_features_is_not_used(setup, monkeypatch, tmp_
     monkeypatch.setattr(fusion, "fuse_attention", wrong_scale)
     copy = tmp_path / "vision.onnx"
     shutil.copy2(engine / "vision.onnx", copy)
-    pixels = load_shards(setup[2])[1][0]["pixel_values"]
+    shard = load_shards(setup[2])[1][0]
+    pixels, features = shard["pixel_values"], shard["features"]
     lines = []
-    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, lines.append) == 0
+    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, features, lines.append) == 0
     assert copy.read_bytes() == (engine / "vision.onnx").read_bytes() and lines == []
     assert "MultiHeadAttention rewrite of vision.onnx differs" in caplog.text
     monkeypatch.setattr(fusion, "fuse_attention", real)
-    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, lines.append) > 0
+    assert quantize._fuse_attention_checked(copy, engine / "vision.onnx", pixels, features, lines.append) > 0
     assert "MultiHeadAttention" in lines[0]
 
 
@@ -458,8 +459,9 @@ def test_fusion_of_a_stage_with_external_weights(setup, tmp_path):
               all_tensors_to_one_file=True, location="vision.onnx.data")
     copy = quantize._copy_stage_files(source, work)
     data_bytes = (work / "vision.onnx.data").stat().st_size
-    pixels = load_shards(setup[2])[1][0]["pixel_values"]
-    assert quantize._fuse_attention_checked(copy, source, pixels, lambda _: None) > 0
+    shard = load_shards(setup[2])[1][0]
+    pixels, features = shard["pixel_values"], shard["features"]
+    assert quantize._fuse_attention_checked(copy, source, pixels, features, lambda _: None) > 0
     assert 0 < (work / "vision.onnx.data").stat().st_size <= data_bytes  # rewritten, not appended to
     want = ort.InferenceSession(str(source)).run(None, {"pixel_values": pixels})[0]
     got = ort.InferenceSession(str(copy)).run(None, {"pixel_values": pixels})[0]
