@@ -453,6 +453,9 @@ def _read_positions(capture, cv2, indices, size):
             position += 1
         if last is None:
             raise InputError("no sampled frame could be decoded")
-        # samples before the first good frame take the first good one
-        first_good = next(f for f in frames if f is not None)
-        return _stack([f if f is not None else first_good for f in frames]), indices
+        # Samples before the first good frame take the first good one; samples past where the
+        # stream ended (a broken run at the tail) repeat the last good one, like a broken frame.
+        previous = next(f for f in frames if f is not None)
+        for i, frame in enumerate(frames):
+            previous = frames[i] = frame if frame is not None else previous
+        return _stack(frames), indices

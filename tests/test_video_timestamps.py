@@ -233,3 +233,26 @@ def test_repeated_frames_and_audio_only_files_are_said(tmp_path, caplog):
         w.writeframes(bytes(16000))
     with pytest.raises(InputError, match="no video stream"):
         load_clip(sound, 8, 32)
+
+
+class _EndsEarly:
+    """A capture whose frames ``good`` decode and whose stream then fails (a truncated tail); frame
+    ``broken`` alone fails in the middle."""
+
+    def __init__(self, good: int, broken: int):
+        self.good, self.broken, self.position = good, broken, -1
+
+    def grab(self) -> bool:
+        self.position += 1
+        return self.position < self.good and self.position != self.broken
+
+    def retrieve(self):
+        return True, coded_frame(self.position)
+
+
+def test_samples_past_a_truncated_tail_repeat_the_last_good_frame():
+    from ppllava.runtime.video import _read_positions
+
+    # frames 0-9 decode except 4; everything from 10 on fails (more than MAX_BROKEN_RUN in a row)
+    frames, _ = _read_positions(_EndsEarly(good=10, broken=4), cv2, [2, 4, 6, 9, 30, 60], SIZE)
+    assert frame_codes(frames) == [2, 2, 6, 9, 9, 9]
