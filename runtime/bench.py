@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError
+from ppllava.runtime.host import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +326,8 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
 
 def machine(results: list[BackendResult] = ()) -> dict:
     gpus = [r.device for r in results if r.device and r.device != "cpu"]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(), **cpu_features(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
+            "cpu_model": cpu_model(), **cpu_features(), "cpu_count": os.cpu_count(), "cpu_usable": usable_cores(),
             "gpu": gpus[0] if gpus else None, "python": platform.python_version()}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ppllava.errors import InputError
+from ppllava.runtime.host import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def resize_frames(frames_rgb: np.ndarray, size: int) -> np.ndarray:
     def one(frame):
         return np.asarray(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cores, len(frames_rgb))
+    workers = min(usable_cores(), len(frames_rgb))
     if workers <= 1:
         return np.stack([one(f) for f in frames_rgb])
     with ThreadPoolExecutor(workers, thread_name_prefix="ppllava-resize") as pool:

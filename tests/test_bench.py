@@ -360,3 +360,15 @@ def test_cpu_features_names_the_generation_and_the_kernel_extensions():
             "prompt_tokens": 146, "backends": {}, "versions": {"ppllava": "0"}}
     line = next(line for line in bench.settings_lines(data) if line.startswith("CPU "))
     assert line.startswith("CPU Intel(R) Xeon(R) Processor (GenuineIntel 6/207/2; avx2 fma avx512f avx512_vnni amx_int8; 2 of 2")
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("max 100000\n", "affinity"), ("150000 100000\n", 2),
+                                                ("50000 100000\n", 1), ("garbled\n", "affinity"), (None, "affinity")])
+def test_usable_cores_is_the_affinity_capped_by_a_cgroup_quota(tmp_path, monkeypatch, cpu_max, expected):
+    from ppllava.runtime import host
+
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(host, "CPU_MAX", tmp_path / "cpu.max")  # absent unless written
+    if cpu_max is not None:
+        host.CPU_MAX.write_text(cpu_max)
+    assert host.usable_cores() == (4 if expected == "affinity" else expected)
