@@ -9,7 +9,7 @@ import time
 import torch
 
 from ppllava.model import PPLLaVA
-from ppllava.runtime.bench import QUESTIONS, BackendResult, BenchOptions, HostMemory, Run, progress, synthetic_frames
+from ppllava.runtime.bench import QUESTIONS, BackendResult, BenchOptions, HostMemory, Run, repeats, synthetic_frames
 from ppllava.runtime.preprocess import normalise
 from ppllava.runtime.video import load_clip, resize_frames
 
@@ -89,9 +89,7 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(options.questions)]
     result = BackendResult("torch-eager")
 
-    for r in range(1 + options.warmup + options.repeat):
-        if probe is not None and r > options.warmup:
-            result.probes.append(probe())
+    for r in repeats(options, result, probe, log_line):
         clock = _Clock(device)
         t_start = time.perf_counter()
         if options.video is not None:
@@ -119,9 +117,6 @@ def bench_torch(checkpoint, pipe, options: BenchOptions, device: str = "cpu", lo
                 result.inputs["prompt_tokens"].append(clock.inputs["prompt_tokens"])
             if r > options.warmup:
                 result.follow_up.append(Run(dict(clock.ms), (time.perf_counter() - t0) * 1e3, len(tokens)))
-        log_line(progress(result.name, r, options))
-    if probe is not None:
-        result.probes.append(probe())
     result.finish(memory)
     result.runtime = {"backend": "torch-eager", "precision": precision, "providers": None,
                       "stage_precisions": {s: precision for s in ("vision", "text", "pool", "llm")},

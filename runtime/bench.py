@@ -228,6 +228,19 @@ def stage_precisions(pipe) -> dict[str, str]:
     return out
 
 
+def repeats(options: BenchOptions, result: BackendResult, probe=None, log_line=log.info):
+    """The schedule's repeats, 0 the cold run, then ``options.warmup`` warm-ups and the measured
+    ones; ``probe`` (a ``rate_probe.RateProbe``) runs before each measured repeat and after the last,
+    its rates kept in ``result.probes``; each finished repeat is said through ``log_line``."""
+    for r in range(1 + options.warmup + options.repeat):
+        if probe is not None and r > options.warmup:
+            result.probes.append(probe())
+        yield r
+        log_line(progress(result.name, r, options))
+    if probe is not None:
+        result.probes.append(probe())
+
+
 def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "onnxruntime",
                    memory: HostMemory | None = None, probe=None) -> BackendResult:
     """Measure the pipeline (the product's path: ``Pipeline.ask``). ``memory``: a window the caller
@@ -243,9 +256,7 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
     result = BackendResult(name)
     pipe.backend.reset_peak_memory()  # device backends: the peak of this bench only
     prompt_tokens = []
-    for r in range(1 + options.warmup + options.repeat):
-        if probe is not None and r > options.warmup:
-            result.probes.append(probe())
+    for r in repeats(options, result, probe, log_line):
         pipe.cache = FeatureCache()  # every repeat starts cold for the video
         for q, question in enumerate(questions):
             t0 = time.perf_counter()
@@ -261,9 +272,6 @@ def bench_pipeline(pipe, options: BenchOptions, log_line=log.info, name: str = "
                                      "visual_tokens": answer.visual_tokens}
             elif r > options.warmup:
                 (result.first if q == 0 else result.follow_up).append(run)
-        log_line(progress(name, r, options))
-    if probe is not None:
-        result.probes.append(probe())
     result.inputs["prompt_tokens"] = prompt_tokens
     result.finish(memory)
     device = pipe.backend.device()  # the GPU (or "cpu") it ran on, and its peak memory where measured

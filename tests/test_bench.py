@@ -372,3 +372,18 @@ def test_usable_cores_is_the_affinity_capped_by_a_cgroup_quota(tmp_path, monkeyp
     if cpu_max is not None:
         host.CPU_MAX.write_text(cpu_max)
     assert host.usable_cores() == (4 if expected == "affinity" else expected)
+
+
+def test_repeats_probe_before_each_measured_repeat_and_after_the_last():
+    events = []
+    result = bench.BackendResult("b")
+    options = bench.BenchOptions(warmup=1, repeat=2)
+
+    def probe():
+        events.append("probe")
+        return {"n": len(events)}
+
+    for r in bench.repeats(options, result, probe, log_line=lambda line: events.append("said")):
+        events.append(r)
+    assert events == [0, "said", 1, "said", "probe", 2, "said", "probe", 3, "said", "probe"]
+    assert len(result.probes) == options.repeat + 1
