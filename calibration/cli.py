@@ -60,7 +60,7 @@ def cmd_quantize(args) -> int:
     if bool(args.stages) == bool(args.llm):
         raise InputError("give --stages vision,text,pool (ONNX Q/DQ) or --llm SCHEME (TensorRT-LLM checkpoint)")
     if args.llm:
-        from ppllava.calibration.llm_quant import quantize_llm, quantize_ort_llm
+        from ppllava.calibration.llm_quant import evidence_text, quantize_llm, quantize_ort_llm
 
         ort = args.llm.startswith("ort_")
         quantize = quantize_ort_llm if ort else quantize_llm
@@ -68,7 +68,8 @@ def cmd_quantize(args) -> int:
                           progress=_say, enforce_thresholds=not args.no_threshold)
         where = (f"use it with --precision {args.llm.removeprefix('ort_')}" if ort
                  else f"TensorRT-LLM checkpoint recorded in the manifest (stages.llm.variants['tensorrt-llm:{args.llm}:checkpoint'])")
-        print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} (threshold {report['threshold_top1']}), "
+        print(f"{args.llm}: top-1 agreement {report['top1_agreement']:.4f} ({evidence_text(report)}; "
+              f"threshold {report['threshold_top1']}), "
               f"identical greedy answers {report['identical_greedy_answers']:.2f} on {report['held_out_prompts']} "
               f"held-out prompts — {_verdict(report)}; {where}")
         return 0

@@ -271,6 +271,25 @@ def _last_position_logits(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def _logs_into(buffer: io.StringIO, names=("onnxruntime", "onnxruntime_genai")):
+    """The builder's and onnxruntime's quantizer's log records go to ``buffer`` (shown only if the
+    build fails) instead of the user's terminal: the 0.18 int8 build logs an error for every Gather
+    it rightly leaves alone ("Gather only supports 4 bits quantization")."""
+    handler = logging.StreamHandler(buffer)
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, propagate in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
 def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: str | None = None) -> Path:
     """Run onnxruntime-genai's builder (CPU target, ``exclude_embeds=true``) on ``hf_dir``;
     ``precision`` ("int4", "int8") overrides the dtype's for weight-quantized CPU builds."""
@@ -288,7 +307,7 @@ def build_onnx_llm(hf_dir: Path, out_dir: Path, dtype: torch.dtype, precision: s
         cache = scratch / "cache"
         log_buffer = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log_buffer), contextlib.redirect_stderr(log_buffer):
+            with contextlib.redirect_stdout(log_buffer), contextlib.redirect_stderr(log_buffer), _logs_into(log_buffer):
                 options = parse_extra_options(None, str(source), str(out_dir), precision, "cpu", str(cache), ["exclude_embeds=true"])
                 config = options["hf_details"]["hf_config"]
                 if getattr(config, "rope_scaling", None) is None:

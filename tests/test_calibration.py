@@ -270,6 +270,10 @@ def test_onnxruntime_genai_weight_only_llm(setup, precision):
     shutil.copytree(engine, work)
     report = quantize_ort_llm(work, calib, precision, progress=lambda _: None, enforce_thresholds=False)
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["tokens_per_prompt"] == 16
+    agree, total = report["top1_tokens"]  # the judged sample, said beside the rate
+    assert total == 16 * report["held_out_prompts"] and agree / total == report["top1_agreement"]
+    lo, hi = report["top1_interval_95"]
+    assert lo <= report["top1_agreement"] <= hi
     manifest = Manifest.load(work)
     manifest.check_files(verify_checksums=True)
     llm_dir = manifest.stage_path("llm", f"onnxruntime:{precision}")
@@ -466,3 +470,33 @@ def test_fusion_of_a_stage_with_external_weights(setup, tmp_path):
     want = ort.InferenceSession(str(source)).run(None, {"pixel_values": pixels})[0]
     got = ort.InferenceSession(str(copy)).run(None, {"pixel_values": pixels})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_top1_evidence_is_the_wilson_interval():
+    from ppllava.calibration.llm_quant import evidence_text, top1_evidence
+
+    # 0 of 10: the upper end is z^2 / (n + z^2) (z = 1.96); 10 of 10 mirrors it
+    assert top1_evidence(0, 10)["top1_interval_95"] == [0.0, pytest.approx(3.8415 / 13.8415, abs=1e-4)]
+    assert top1_evidence(10, 10)["top1_interval_95"] == [pytest.approx(1 - 3.8415 / 13.8415, abs=1e-4), 1.0]
+    lo, hi = top1_evidence(61, 64)["top1_interval_95"]  # a 0.953 on 64 tokens spans the 0.95 threshold
+    assert lo < 0.95 < hi and hi - lo > 0.1
+    assert evidence_text(top1_evidence(61, 64)).startswith("61/64 held-out tokens, 95% interval 0.8")
+    assert evidence_text({}) == ""
+
+
+def test_the_builders_log_lines_stay_out_of_the_terminal(caplog):
+    """SmolLM2's int8 build logs "Gather only supports 4 bits quantization" from onnxruntime's
+    quantizer for a Gather it rightly leaves alone; the user sees it only if the build fails."""
+    import io
+    import logging
+
+    from ppllava.export.llm import _logs_into
+
+    buffer = io.StringIO()
+    quantizer = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    with _logs_into(buffer):
+        quantizer.error("Gather only supports 4 bits quantization.")
+    assert "Gather only supports" in buffer.getvalue()
+    assert not [r for r in caplog.records if "Gather" in r.getMessage()]
+    quantizer.error("after the build")  # handlers and propagation are as they were
+    assert [r.getMessage() for r in caplog.records] == ["after the build"]
