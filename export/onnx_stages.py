@@ -63,8 +63,12 @@ def example_inputs(model, stage: str, frames: int, dtype: torch.dtype, seed: int
         vocab = model.multi_modal_projector.clip_text_model.embeddings.token_embedding.num_embeddings
         return (torch.from_numpy(g.integers(3, vocab - 1, 1, length)), torch.ones(1, length, dtype=torch.long))
     features = torch.from_numpy(g.normal(frames, cfg.num_patches, cfg.vision["hidden_size"])).to(dtype)
+    # The projector may sit on a GPU (the torch stages' copy): the ids go where it is, the result
+    # comes back to the CPU like every other example input.
+    where = next(model.multi_modal_projector.parameters()).device
+    ids, mask = example_inputs(model, "text", frames, dtype, seed)
     with torch.no_grad():
-        text = model.multi_modal_projector.text_embedding(*example_inputs(model, "text", frames, dtype, seed))
+        text = model.multi_modal_projector.text_embedding(ids.to(where), mask.to(where)).cpu()
     try:
         index = cfg.pooling.video_plan().window_index((frames, *cfg.grid))
     except ValueError:  # too few frames for the video windows: trace with the image plan instead

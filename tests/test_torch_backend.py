@@ -423,3 +423,28 @@ def test_bf16_decoder_agrees_with_fp32_reference(tiny_models, tmp_path):
         err = float(np.abs(np.stack(got) - reference.numpy()).max())
         assert err <= bound.value, f"bf16 decoder logits differ from fp32 by {err:.3g} > {bound.describe()}"
     assert steps == 64
+
+
+def test_pool_example_inputs_run_the_projector_where_it_is(tiny_models):
+    """The torch stages' copy of the projector sits on the GPU: the text ids the pool stage's example
+    inputs embed must go there too (CPU ids crashed a CUDA export at the pool stage). No second
+    device here, so the projector reports the meta device and records where its inputs were."""
+    from types import SimpleNamespace
+
+    from ppllava.export.onnx_stages import example_inputs
+
+    model = tiny_models["vicuna"]
+    real = model.multi_modal_projector
+    seen = []
+
+    def text_embedding(ids, mask):  # meta tensors carry no values: embed the same seeded ids on the CPU
+        seen.append((ids.device.type, mask.device.type, tuple(ids.shape)))
+        return real.text_embedding(*example_inputs(model, "text", 4, torch.float32))
+
+    elsewhere = SimpleNamespace(parameters=lambda: iter([torch.empty(1, device="meta")]), text_embedding=text_embedding,
+                                clip_text_model=real.clip_text_model)
+    moved = SimpleNamespace(config=model.config, alignment=model.alignment, multi_modal_projector=elsewhere)
+    features, text, index = example_inputs(moved, "pool", 4, torch.float32)
+    expected = example_inputs(model, "pool", 4, torch.float32)
+    assert seen == [("meta", "meta", tuple(example_inputs(model, "text", 4, torch.float32)[0].shape))]
+    assert text.device.type == "cpu" and torch.equal(text, expected[1]) and torch.equal(features, expected[0])
