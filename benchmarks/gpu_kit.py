@@ -5,8 +5,12 @@ eager in one run, into one JSON.
 What it does, in order (each phase is timed, and the JSON is rewritten after each one, so a run cut
 short still leaves what it measured):
 
-1. checks the imports it needs and names any wheel that must be carried (one line, exit 2);
+1. checks the imports it needs and names any wheel that must be carried, and the free disk space
+   (one line, exit 2);
 2. measures the device's memory bandwidth (a large device-to-device copy) for the decode floor;
+   then, on a GPU (or with ``--toolchain-check on``), compiles and runs a one-layer model with
+   AOTInductor (~35 s), so a missing CUDA toolkit, Triton or Python headers show in the first minute
+   instead of minutes into the export (exit 2; the JSON's ``toolchain`` says what was found);
 3. writes a random-weight checkpoint of ``--preset`` (``ppllava.presets``; weights drawn on the
    device, a second where numpy's portable generator takes minutes at 7B);
 4. exports it for the torch backend (``ppllava.export``: AOTInductor stages compiled for the device,
@@ -17,8 +21,12 @@ short still leaves what it measured):
    peak device memory, on synthetic frames (no video decoder needed);
 6. checks greedy tokens against eager: identical, or else the top-1 agreement of the backend along
    eager's tokens (teacher forcing) against the export's own threshold (``ppllava.thresholds``);
-7. puts ms/token beside its floor: the LLM's weight bytes (read once per token) / the measured
-   bandwidth, and / the vendor's nominal one where known.
+7. puts ms/token beside its floor: the LLM's weight bytes (read once per token) plus its KV cache at
+   the mean decode position / the measured bandwidth, and / the vendor's nominal one where known.
+
+``--build-only`` stops after step 4, keeping ``--work``; a second run with the same ``--work``
+reuses the checkpoint and engine and measures. That is the plan for the lent GPU (two calls, each
+well inside one call's 10-minute limit, the machine held warm between them).
 
 On the lent H200 (its image as it is: Python 3.12, torch 2.11+cu130, transformers 5.17, onnx,
 onnxscript, pillow; nothing to download). One wheel must be carried: open_clip_torch, for the CLIP
@@ -28,12 +36,17 @@ once, into an ignored folder::
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl open_clip_torch==3.3.0
 
-then, with ``carry: [".whl"]`` and ``timeout_s`` 600, the device command (meant to end inside 8
-minutes at vicuna-7b, each phase's time lands in the JSON; not yet run on a GPU)::
+then, with ``carry: [".whl"]`` and ``timeout_s`` 600, two device commands (each phase's time lands
+in the JSON; not yet run on a GPU). First the build (the checkpoint and the AOTInductor export)::
 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --out $OUT/gpu_kit.json 2>&1 |
-    tee $OUT/gpu_kit.log
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work /tmp/kit --build-only \
+        --out $OUT/gpu_kit_build.json 2>&1 | tee $OUT/gpu_kit_build.log
+
+then, while the machine is still warm (its /tmp is kept between calls), the measurement::
+
+    set -o pipefail; PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work /tmp/kit \
+        --out $OUT/gpu_kit.json 2>&1 | tee $OUT/gpu_kit.log
 
 The repo copied there is not installed: this script maps ``ppllava.export`` / ``.runtime`` /
 ``.calibration`` to their folders itself, as ``pyproject.toml``'s package-dir does.
@@ -41,8 +54,10 @@ The repo copied there is not installed: this script maps ``ppllava.export`` / ``
 Rehearsal on a CPU, at the small preset, in the venv that mirrors the device's versions (CI runs it
 in .ci/tf5.sh)::
 
-    .venv-tf5/bin/python benchmarks/gpu_kit.py --preset small --device cpu --max-new-tokens 16 --repeat 1 \\
-        --warmup 0 --questions 1 --out /tmp/gpu_kit_rehearsal.json
+    .venv-tf5/bin/python benchmarks/gpu_kit.py --preset small --device cpu --work /tmp/kit --build-only \\
+        --toolchain-check on --out /tmp/gpu_kit_build.json
+    .venv-tf5/bin/python benchmarks/gpu_kit.py --preset small --device cpu --work /tmp/kit --max-new-tokens 16 \\
+        --repeat 1 --warmup 0 --questions 1 --out /tmp/gpu_kit_rehearsal.json && rm -rf /tmp/kit
 
 Exit status: 0 when every phase ran and the tokens agree, 1 when a phase failed or the tokens
 disagree (the JSON says which), 2 when something it needs is missing.
@@ -63,7 +78,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Vendor datasheet memory bandwidth, GB/s (device/H200.md); a GPU not listed gets the measured floor only.
-NOMINAL_GBS = {"NVIDIA H200": 4800.0}
+NOMINAL_GBS = {"NVIDIA H200": 4800.0}  # matched by prefix: "NVIDIA H200 NVL" too
 # (module, distribution, why it is needed): checked before anything runs
 NEEDS = (
     ("torch", "torch", "the reference, the torch backend and AOTInductor"),
@@ -95,6 +110,34 @@ def missing_needs(device: str) -> list[str]:
     if device == "cuda" and importlib.util.find_spec("triton") is None:
         missing.append("triton (triton: AOTInductor's CUDA kernels)")
     return missing
+
+
+def toolchain(torch, device: str) -> dict:
+    """What AOTInductor will compile with (recorded whatever happens), then a one-layer model compiled
+    for ``device``, loaded and checked against eager; raises with the compiler's first line."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    found = {"cxx": shutil.which("g++") or shutil.which("c++"),
+             "python_h": Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
+    if device == "cuda":
+        found.update(cuda_home=cpp_extension.CUDA_HOME, nvcc=shutil.which("nvcc"),
+                     triton=getattr(importlib.import_module("triton"), "__version__", None))
+    layer = torch.nn.Linear(64, 64).to(device).eval()
+    x = torch.randn(4, 64, device=device)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
+        program = torch.export.export(layer, (x,))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(scratch, "smoke.pt2")))
+        got = torch._inductor.aoti_load_package(package)(x)
+        found["max_abs_error"] = float((got - layer(x)).abs().max())
+    if not found["max_abs_error"] <= 1e-3:
+        raise RuntimeError(f"the AOTInductor-compiled layer disagrees with eager by {found['max_abs_error']:.3g}")
+    return found
+
+
+def free_gib(path: Path) -> float:
+    return shutil.disk_usage(path).free / 2**30
 
 
 def import_ppllava() -> str:
@@ -143,9 +186,16 @@ def memory_bandwidth(torch, device: str, mib: int) -> dict:
             "best_gbs": 2 * n / times[0] / 1e9, "median_gbs": 2 * n / times[len(times) // 2] / 1e9}
 
 
-def decode_bytes(engine: Path, element_bytes: int) -> dict:
+def mean_position(data: dict, options) -> int:
+    """The mean length of the cache over the first question's decode steps: its prompt + half the new tokens."""
+    return int(data.get("prompt_tokens") or 0) + options.max_new_tokens // 2
+
+
+def decode_bytes(engine: Path, element_bytes: int, position: int = 0) -> dict:
     """What one decode step must read at least: every LLM weight once (the input embedding table
-    only one row; with tied embeddings it is read whole as lm_head), in the precision that runs."""
+    only one row; with tied embeddings it is read whole as lm_head), in the precision that runs, and
+    the keys and values of ``position`` cached tokens (what a cache sized for more also holds is not
+    a floor's: reading it is the implementation's cost)."""
     from ppllava.checkpoint import safetensors_header, weight_files
 
     hf_dir = engine / "llm_hf"
@@ -160,7 +210,11 @@ def decode_bytes(engine: Path, element_bytes: int) -> dict:
             table += count if name.endswith("embed_tokens.weight") else 0
     hidden = int(config["hidden_size"])
     read = total - (0 if config.get("tie_word_embeddings") else table - hidden)
-    return {"weight_bytes": read * element_bytes, "parameters": total, "element_bytes": element_bytes}
+    heads = int(config["num_attention_heads"])
+    kv_heads, head_dim = int(config.get("num_key_value_heads") or heads), int(config.get("head_dim") or hidden // heads)
+    kv = 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * position * element_bytes
+    return {"weight_bytes": read * element_bytes + kv, "kv_cache_bytes": kv, "kv_positions": position,
+            "parameters": total, "element_bytes": element_bytes}
 
 
 def greedy_check(pipe, options, eager_tokens: list[int], backend_tokens: list[int]) -> dict:
@@ -197,7 +251,7 @@ def summary(data: dict, bandwidth: dict, weights: dict, device_name: str, greedy
 
     ms_token = median(torch_b, "decode_ms_per_token")
     floor_measured = weights["weight_bytes"] / (bandwidth["best_gbs"] * 1e9) * 1e3
-    nominal = NOMINAL_GBS.get(device_name)
+    nominal = next((gbs for name, gbs in NOMINAL_GBS.items() if device_name.startswith(name)), None)
     floor_nominal = weights["weight_bytes"] / (nominal * 1e9) * 1e3 if nominal else None
     return {
         "time_to_first_token_ms": {"torch": median(torch_b, "time_to_first_token_ms"),
@@ -258,6 +312,14 @@ def run(args) -> int:
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="ppllava-gpu-kit-"))
     work.mkdir(parents=True, exist_ok=True)
+    built = (work / f"{args.preset}-engine-torch" / "manifest.json").is_file()
+    need = args.min_free_gib if args.min_free_gib is not None else (2.0 if args.preset == "small" else 40.0)
+    if not built and free_gib(work) < need:
+        print(f"gpu_kit: {work} has {free_gib(work):.1f} GiB free; the {args.preset} checkpoint, engine and "
+              f"compile cache need about {need:g} GiB (--work elsewhere, or --min-free-gib)", file=sys.stderr)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return 2
     # AOTInductor's compile cache (about 1 GB for the small preset) goes with the engine it builds,
     # so a run leaves nothing in /tmp/torchinductor_<user>; set before torch is imported (its first
     # look at the variable fixes it), and only where the user has not chosen one.
@@ -301,6 +363,14 @@ def run_in(args, work: Path) -> int:
 
     mib = args.copy_mib or (4096 if args.device == "cuda" else 256)
     kit.data["bandwidth"] = kit.phase("bandwidth", memory_bandwidth, torch, args.device, mib)
+    check = args.toolchain_check == "on" or (args.toolchain_check == "auto" and args.device == "cuda")
+    engine_built = (work / f"{args.preset}-engine-torch" / "manifest.json").is_file()
+    if check and not engine_built:
+        try:
+            kit.data["toolchain"] = kit.phase("toolchain", toolchain, torch, args.device)
+        except SystemExit as stop:  # the phase recorded the error; nothing can be compiled here
+            print(stop, file=sys.stderr)
+            return 2
 
     checkpoint, engine = work / f"{args.preset}-checkpoint", work / f"{args.preset}-engine-torch"
     kit.data["work"] = {"path": str(work), "free_gib": round(shutil.disk_usage(work).free / 2**30, 1)}
@@ -315,6 +385,15 @@ def run_in(args, work: Path) -> int:
         manifest = kit.phase("export", export_engine, options, report=lambda line: log("  " + line.strip()))
         kit.data["phases"]["export"]["steps"] = {name: round(s, 1) for name, s, _ in manifest.get("_summary", [])}
         kit.write()
+        del manifest
+    if args.build_only:
+        log(f"built {engine}; measure with the same --work")
+        return 0
+    import gc
+
+    gc.collect()  # the export's device copies of the stages are not the backend's memory
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
 
     options = bench.BenchOptions(synthetic_frames=args.frames, questions=args.questions, repeat=args.repeat,
                                  warmup=args.warmup, max_new_tokens=args.max_new_tokens)
@@ -324,6 +403,8 @@ def run_in(args, work: Path) -> int:
     pipe.tokenizers.require()
     backend_result = kit.phase("bench torch backend", bench.bench_pipeline, pipe, options, log, name="torch",
                                memory=memory)
+    kit.data["bench"] = bench.report(engine, options, [backend_result])  # kept if the eager phase fails
+    kit.write()
     eager_result = kit.phase("bench eager", bench_torch, checkpoint, pipe, options, args.device, log)
     data = bench.report(engine, options, [backend_result, eager_result], baseline=eager_result.name)
     kit.data["bench"] = data
@@ -332,7 +413,7 @@ def run_in(args, work: Path) -> int:
     kit.data["greedy"] = greedy
     kit.data["cuda_graph_captures"] = getattr(pipe.decoder, "graph_captures", None)
     element = {"fp32": 4, "fp16": 2, "bf16": 2}[pipe.backend.precision]
-    kit.data["decode_bytes"] = decode_bytes(engine, element)
+    kit.data["decode_bytes"] = decode_bytes(engine, element, mean_position(data, options))
     kit.data["summary"] = summary(data, kit.data["bandwidth"], kit.data["decode_bytes"], device_name, greedy)
     kit.write()
     s = kit.data["summary"]
@@ -361,10 +442,19 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, help="where the checkpoint and engine go, and are reused from (default: a "
                    "temporary folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary folder")
+    p.add_argument("--build-only", action="store_true", help="stop after the export (give --work: a second run "
+                   "with it measures)")
+    p.add_argument("--toolchain-check", choices=("auto", "on", "off"), default="auto",
+                   help="compile a one-layer model with AOTInductor before the export (auto: on a GPU)")
+    p.add_argument("--min-free-gib", type=float, help="free space --work needs before building (default 40, "
+                   "2 for the small preset)")
     p.add_argument("--out", type=Path, required=True, help="the JSON to write (e.g. $OUT/gpu_kit.json)")
     args = p.parse_args(argv)
     if not args.out.parent.is_dir():
         print(f"gpu_kit: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
+        return 2
+    if args.build_only and args.work is None:
+        print("gpu_kit: --build-only needs --work (where the second run finds the engine)", file=sys.stderr)
         return 2
     if args.device == "cpu" and args.frames == 32 and args.preset == "small":
         args.frames = 8  # what `ppllava bench --random-weights small` takes
