@@ -39,13 +39,14 @@ once, into an ignored folder::
 then, with ``carry: [".whl"]`` and ``timeout_s`` 600, two device commands (each phase's time lands
 in the JSON; not yet run on a GPU). First the build (the checkpoint and the AOTInductor export)::
 
-    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work /tmp/kit --build-only \
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target .kit/site .whl/*.whl &&
+    PYTHONPATH=.kit/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work .kit/work --build-only \
         --out $OUT/gpu_kit_build.json 2>&1 | tee $OUT/gpu_kit_build.log
 
-then, while the machine is still warm (its /tmp is kept between calls), the measurement::
+then, while the machine is still warm (ignored paths of the repo copy, ``.kit/`` here, are kept
+between calls), the measurement::
 
-    set -o pipefail; PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work /tmp/kit \
+    set -o pipefail; PYTHONPATH=.kit/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kit.py --work .kit/work \
         --out $OUT/gpu_kit.json 2>&1 | tee $OUT/gpu_kit.log
 
 The repo copied there is not installed: this script maps ``ppllava.export`` / ``.runtime`` /
@@ -112,15 +113,16 @@ def missing_needs(device: str) -> list[str]:
     return missing
 
 
-def toolchain(torch, device: str) -> dict:
-    """What AOTInductor will compile with (recorded whatever happens), then a one-layer model compiled
-    for ``device``, loaded and checked against eager; raises with the compiler's first line."""
+def toolchain(torch, device: str, found: dict) -> dict:
+    """What AOTInductor will compile with, into ``found`` first (so the JSON has it when the compile
+    fails), then a one-layer model compiled for ``device``, loaded and checked against eager; raises
+    with the compiler's first line."""
     import sysconfig
 
     from torch.utils import cpp_extension
 
-    found = {"cxx": shutil.which("g++") or shutil.which("c++"),
-             "python_h": Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
+    found.update(cxx=shutil.which("g++") or shutil.which("c++"),
+                 python_h=Path(sysconfig.get_paths()["include"], "Python.h").is_file())
     if device == "cuda":
         found.update(cuda_home=cpp_extension.CUDA_HOME, nvcc=shutil.which("nvcc"),
                      triton=getattr(importlib.import_module("triton"), "__version__", None))
@@ -138,6 +140,11 @@ def toolchain(torch, device: str) -> dict:
 
 def free_gib(path: Path) -> float:
     return shutil.disk_usage(path).free / 2**30
+
+
+def built(work: Path, preset: str) -> bool:
+    """Whether ``work`` holds the engine of an earlier (--build-only) run."""
+    return (work / f"{preset}-engine-torch" / "manifest.json").is_file()
 
 
 def import_ppllava() -> str:
@@ -187,8 +194,11 @@ def memory_bandwidth(torch, device: str, mib: int) -> dict:
 
 
 def mean_position(data: dict, options) -> int:
-    """The mean length of the cache over the first question's decode steps: its prompt + half the new tokens."""
-    return int(data.get("prompt_tokens") or 0) + options.max_new_tokens // 2
+    """The mean length of the cache over the first question's decode steps (the prefill made the
+    first token; step k reads prompt + k positions, k = 0 .. new - 2)."""
+    if not data.get("prompt_tokens"):
+        raise ValueError("the bench report has no prompt length (prompt_tokens)")
+    return int(data["prompt_tokens"]) + max(0, options.max_new_tokens - 2) // 2
 
 
 def decode_bytes(engine: Path, element_bytes: int, position: int = 0) -> dict:
@@ -213,8 +223,8 @@ def decode_bytes(engine: Path, element_bytes: int, position: int = 0) -> dict:
     heads = int(config["num_attention_heads"])
     kv_heads, head_dim = int(config.get("num_key_value_heads") or heads), int(config.get("head_dim") or hidden // heads)
     kv = 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * position * element_bytes
-    return {"weight_bytes": read * element_bytes + kv, "kv_cache_bytes": kv, "kv_positions": position,
-            "parameters": total, "element_bytes": element_bytes}
+    return {"weight_bytes": read * element_bytes, "kv_cache_bytes": kv, "kv_positions": position,
+            "floor_bytes": read * element_bytes + kv, "parameters": total, "element_bytes": element_bytes}
 
 
 def greedy_check(pipe, options, eager_tokens: list[int], backend_tokens: list[int]) -> dict:
@@ -250,9 +260,9 @@ def summary(data: dict, bandwidth: dict, weights: dict, device_name: str, greedy
         return (block.get(key) or {}).get("median")
 
     ms_token = median(torch_b, "decode_ms_per_token")
-    floor_measured = weights["weight_bytes"] / (bandwidth["best_gbs"] * 1e9) * 1e3
+    floor_measured = weights["floor_bytes"] / (bandwidth["best_gbs"] * 1e9) * 1e3
     nominal = next((gbs for name, gbs in NOMINAL_GBS.items() if device_name.startswith(name)), None)
-    floor_nominal = weights["weight_bytes"] / (nominal * 1e9) * 1e3 if nominal else None
+    floor_nominal = weights["floor_bytes"] / (nominal * 1e9) * 1e3 if nominal else None
     return {
         "time_to_first_token_ms": {"torch": median(torch_b, "time_to_first_token_ms"),
                                    "eager": median(eager_b, "time_to_first_token_ms")},
@@ -310,11 +320,12 @@ def run(args) -> int:
         print(f"gpu_kit: missing {'; '.join(missing)}. Carry the wheels (this script's docstring says how) "
               "or install them, then run again.", file=sys.stderr)
         return 2
-    work = args.work or Path(tempfile.mkdtemp(prefix="ppllava-gpu-kit-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="ppllava-gpu-kit-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    built = (work / f"{args.preset}-engine-torch" / "manifest.json").is_file()
+    # Checked only before anything is written: a resumed build's checkpoint already holds its share.
+    started = built(work, args.preset) or (work / f"{args.preset}-checkpoint" / "config.json").is_file()
     need = args.min_free_gib if args.min_free_gib is not None else (2.0 if args.preset == "small" else 40.0)
-    if not built and free_gib(work) < need:
+    if not started and free_gib(work) < need:
         print(f"gpu_kit: {work} has {free_gib(work):.1f} GiB free; the {args.preset} checkpoint, engine and "
               f"compile cache need about {need:g} GiB (--work elsewhere, or --min-free-gib)", file=sys.stderr)
         if args.work is None:
@@ -364,10 +375,9 @@ def run_in(args, work: Path) -> int:
     mib = args.copy_mib or (4096 if args.device == "cuda" else 256)
     kit.data["bandwidth"] = kit.phase("bandwidth", memory_bandwidth, torch, args.device, mib)
     check = args.toolchain_check == "on" or (args.toolchain_check == "auto" and args.device == "cuda")
-    engine_built = (work / f"{args.preset}-engine-torch" / "manifest.json").is_file()
-    if check and not engine_built:
+    if check and not built(work, args.preset):
         try:
-            kit.data["toolchain"] = kit.phase("toolchain", toolchain, torch, args.device)
+            kit.phase("toolchain", toolchain, torch, args.device, kit.data.setdefault("toolchain", {}))
         except SystemExit as stop:  # the phase recorded the error; nothing can be compiled here
             print(stop, file=sys.stderr)
             return 2

@@ -98,17 +98,13 @@ def top1_evidence(agree: int, total: int) -> dict:
     the rate. A held-out set of 4 prompts x 16 tokens puts one token at 1.6 points, so a verdict
     next to the threshold says little until the set grows (``calibrate`` more clips/questions)."""
     z = 1.959964
-    if total == 0:
-        return {"top1_tokens": [0, 0], "top1_interval_95": [0.0, 1.0]}
     p, z2 = agree / total, z * z / total
     centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return {"top1_tokens": [agree, total], "top1_interval_95": [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]}
 
 
 def evidence_text(report: dict) -> str:
-    """'61/64 held-out tokens, 95% interval 0.87-0.98' (empty for a report without the counts)."""
-    if "top1_tokens" not in report:
-        return ""
+    """'61/64 held-out tokens, 95% interval 0.871-0.984'."""
     (agree, total), (lo, hi) = report["top1_tokens"], report["top1_interval_95"]
     return f"{agree}/{total} held-out tokens, 95% interval {lo:.3f}-{hi:.3f}"
 

@@ -387,3 +387,16 @@ def test_repeats_probe_before_each_measured_repeat_and_after_the_last():
         events.append(r)
     assert events == [0, "said", 1, "said", "probe", 2, "said", "probe", 3, "said", "probe"]
     assert len(result.probes) == options.repeat + 1
+
+
+def test_repeats_that_end_early_do_not_probe_or_say_more():
+    """A repeat that raises (a failed answer) leaves no progress line and no closing probe behind."""
+    events = []
+    result = bench.BackendResult("b")
+    with pytest.raises(RuntimeError):
+        for r in bench.repeats(bench.BenchOptions(warmup=0, repeat=3), result, lambda: events.append("probe"),
+                               log_line=lambda line: events.append("said")):
+            events.append(r)
+            if r == 1:
+                raise RuntimeError("the answer failed")
+    assert events == [0, "said", "probe", 1]
