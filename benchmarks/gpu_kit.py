@@ -414,6 +414,9 @@ def run_in(args, work: Path) -> int:
     backend_result = kit.phase("bench torch backend", bench.bench_pipeline, pipe, options, log, name="torch",
                                memory=memory)
     kit.data["bench"] = bench.report(engine, options, [backend_result])  # kept if the eager phase fails
+    if args.device == "cuda":  # beside bench's allocated peak: what the caching allocator held
+        kit.data["cuda_memory_backend"] = {"max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+                                           "max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20)}
     kit.write()
     eager_result = kit.phase("bench eager", bench_torch, checkpoint, pipe, options, args.device, log)
     data = bench.report(engine, options, [backend_result, eager_result], baseline=eager_result.name)

@@ -104,9 +104,13 @@ def top1_evidence(agree: int, total: int) -> dict:
 
 
 def evidence_text(report: dict) -> str:
-    """'61/64 held-out tokens, 95% interval 0.871-0.984'."""
+    """'61/64 held-out tokens, 95% interval 0.871-0.984', and a word when that interval holds the
+    threshold (the verdict could go either way on another held-out set)."""
     (agree, total), (lo, hi) = report["top1_tokens"], report["top1_interval_95"]
-    return f"{agree}/{total} held-out tokens, 95% interval {lo:.3f}-{hi:.3f}"
+    text = f"{agree}/{total} held-out tokens, 95% interval {lo:.3f}-{hi:.3f}"
+    if lo < report["threshold_top1"] < hi:
+        text += " around the threshold: calibrate with more clips or questions for a firmer verdict"
+    return text
 
 
 @torch.inference_mode()

@@ -480,7 +480,10 @@ def test_top1_evidence_is_the_wilson_interval():
     assert top1_evidence(10, 10)["top1_interval_95"] == [pytest.approx(1 - 3.8415 / 13.8415, abs=1e-4), 1.0]
     # a 0.953 on 64 tokens spans the 0.95 threshold (Wilson: centre (p + z^2/2n) / (1 + z^2/n))
     assert top1_evidence(61, 64) == {"top1_tokens": [61, 64], "top1_interval_95": [0.871, 0.9839]}
-    assert evidence_text(top1_evidence(61, 64)) == "61/64 held-out tokens, 95% interval 0.871-0.984"
+    assert evidence_text({**top1_evidence(61, 64), "threshold_top1": 0.95}) == (
+        "61/64 held-out tokens, 95% interval 0.871-0.984 around the threshold: "
+        "calibrate with more clips or questions for a firmer verdict")
+    assert evidence_text({**top1_evidence(61, 64), "threshold_top1": 0.8}) == "61/64 held-out tokens, 95% interval 0.871-0.984"
 
 
 def test_the_builders_log_lines_stay_out_of_the_terminal(caplog):
