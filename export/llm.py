@@ -179,18 +179,27 @@ def _import_builder():
     """onnxruntime-genai's model builder, importable beside transformers 4.x.
 
     The 0.18 builder imports two class names that only transformers 5 defines; it never uses them
-    for Llama or Qwen2, so placeholders are enough.
+    for Llama or Qwen2, so placeholders are enough. Importing it imports onnxruntime's
+    matmul_nbits_quantizer, which calls ``logging.basicConfig(level=INFO)``: in a program that had
+    not configured logging (one embedding ``ppllava.export``), every library's INFO records would
+    then reach stderr. The root logger's handlers and level are put back as they were.
     """
     import transformers
 
     for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
         if not hasattr(transformers, name):
             setattr(transformers, name, None)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         import onnxruntime_genai.models  # noqa: F401  (puts the builder's modules on sys.path)
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:
         raise LLMExportError(f"onnxruntime-genai's model builder is not available ({exc}); pip install onnxruntime-genai") from None
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
     return create_model, parse_extra_options
 
 

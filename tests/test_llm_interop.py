@@ -7,6 +7,7 @@ real tokenizer the same way, and benchmarks/llamacpp_decode.py converts one.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -97,3 +98,21 @@ def test_a_checkpoints_sentencepiece_model_travels_to_llm_hf(tiny_dirs, tmp_path
     recorded = manifest["files"]  # checksummed like every file of the engine dir
     assert recorded["llm_hf/tokenizer.model"] == file_records(engine, [hf_dir / "tokenizer.model"])["llm_hf/tokenizer.model"]
     check_llm_hf_tokenizer(engine)
+
+
+def test_importing_the_builder_leaves_the_programs_logging_alone():
+    """Guards against the builder's import (onnxruntime's matmul_nbits_quantizer calls
+    logging.basicConfig at INFO) switching on every library's INFO records in a program that embeds
+    ppllava.export without configuring logging. In a fresh interpreter: the import happens there."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            "from ppllava.export.llm import _import_builder\n"
+            "_import_builder()\n"
+            "assert 'onnxruntime.quantization.matmul_nbits_quantizer' in sys.modules\n"
+            "root = logging.getLogger()\n"
+            "print(len(root.handlers), root.level)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", str(logging.WARNING)], done.stdout
